@@ -1,0 +1,203 @@
+"""Datasets as in-memory numpy arrays, CIFAR augmentation, and a seeded batch iterator.
+
+Everything here is host-side numpy except :func:`augment_cifar`, which is a pure,
+jittable function of ``(rng, images)``.
+
+Images are float32 ``(N, H, W, C)`` normalised per channel; labels are int32 ``(N,)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Per-channel mean / std of the *training* split, pixel values in [0, 1].
+# CIFAR numbers: the values used by the He et al. / Zagoruyko reference code.
+_STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+_TFDS_SPLITS = {
+    "mnist": ("train", "test"),
+    "fashion_mnist": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "svhn_cropped": ("train", "test", "extra"),
+}
+_NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "svhn_cropped": 10}
+DATASETS = ("digits",) + tuple(_TFDS_SPLITS)
+
+# digits: a fixed, documented split. Shuffle all 1,797 images with this seed and keep
+# the first 1,437 (80%) for training and the remaining 360 for test.
+DIGITS_SEED = 0
+DIGITS_NUM_TRAIN = 1437
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split: ``images`` float32 (N, H, W, C) normalised, ``labels`` int32 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def splits_of(name: str) -> tuple[str, ...]:
+    """The split names that ``load(name, split)`` accepts."""
+    _check_name(name)
+    return ("train", "test") if name == "digits" else _TFDS_SPLITS[name]
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+
+
+def default_data_dir() -> str:
+    """``$MERGEJAX_DATA`` or ``~/.cache/mergejax``: where TFDS data and the numpy cache live."""
+    return os.environ.get("MERGEJAX_DATA", os.path.expanduser("~/.cache/mergejax"))
+
+
+def load(name: str, split: str, *, data_dir: str | None = None, download: bool = True) -> Split:
+    """Load a whole split into memory, normalised with the dataset's training statistics.
+
+    ``digits`` is scikit-learn's bundled 8x8 digits (offline); the others are read
+    through ``tfds.data_source`` (no TensorFlow needed to read) and cached as ``.npz``
+    under ``data_dir/npz`` after the first load.
+    """
+    _check_name(name)
+    if split not in splits_of(name):
+        raise ValueError(f"dataset {name!r} has no split {split!r}; available: {', '.join(splits_of(name))}")
+    if name == "digits":
+        images, labels = _digits(split)
+    else:
+        images, labels = _tfds_numpy(name, split, data_dir or default_data_dir(), download)
+        mean, std = (np.asarray(s, np.float32) for s in _STATS[name])
+        images = (images.astype(np.float32) / 255.0 - mean) / std
+    return Split(images.astype(np.float32), labels.astype(np.int32), _NUM_CLASSES[name], name)
+
+
+def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = d.images.astype(np.float32)[..., None] / 16.0  # (1797, 8, 8, 1) in [0, 1]
+    order = np.random.default_rng(DIGITS_SEED).permutation(len(images))
+    tr, te = order[:DIGITS_NUM_TRAIN], order[DIGITS_NUM_TRAIN:]
+    mean, std = images[tr].mean(), images[tr].std()
+    idx = tr if split == "train" else te
+    return (images[idx] - mean) / std, d.target[idx]
+
+
+def _tfds_numpy(name: str, split: str, data_dir: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    cache = os.path.join(data_dir, "npz", f"{name}-{split}.npz")
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            return f["images"], f["labels"]
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(
+        name,
+        split=split,
+        data_dir=os.path.join(data_dir, "tfds"),
+        download=download,
+        builder_kwargs={"file_format": "array_record"},
+    )
+    n = len(source)
+    images, labels = [], []
+    for start in range(0, n, 1024):
+        rows = source.__getitems__(list(range(start, min(n, start + 1024))))
+        images.extend(r["image"] for r in rows)
+        labels.extend(r["label"] for r in rows)
+    images, labels = np.stack(images).astype(np.uint8), np.asarray(labels, np.int32)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = cache + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, images=images, labels=labels)
+    os.replace(tmp, cache)
+    return images, labels
+
+
+def augment_cifar(rng: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:
+    """Standard CIFAR augmentation: zero-pad ``pad`` pixels, random crop back, random h-flip.
+
+    images: (B, H, W, C) float; returns the same shape and dtype. Pure and jittable;
+    the same ``rng`` gives the same result.
+    """
+    b, h, w, _ = images.shape
+    crop_rng, flip_rng = jax.random.split(rng)
+    offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(flip_rng, 0.5, (b,))
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def one(img, off, flip):
+        out = jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
+        return jnp.where(flip, out[:, ::-1], out)
+
+    return jax.vmap(one)(padded, offsets, flips)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, remainder: Literal["drop", "pad"] = "drop") -> int:
+    """Number of batches one epoch yields."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    full, rest = divmod(num_examples, batch_size)
+    if full == 0 and remainder == "drop":
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples and remainder='drop'")
+    return full + (1 if rest and remainder == "pad" else 0)
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    shuffle: bool = True,
+    remainder: Literal["drop", "pad"] = "drop",
+    epochs: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{'image': (B,H,W,C), 'label': (B,), 'mask': (B,)}`` numpy batches.
+
+    The order in epoch e is ``permutation(default_rng((seed, e)))``, so the stream is a
+    pure function of ``(seed, step)`` and ``start_step`` resumes it exactly. With
+    ``remainder='pad'`` the last batch is padded with zeros and ``mask`` 0 for the padding
+    (every example seen exactly once per epoch); with ``'drop'`` the tail is dropped.
+    ``epochs=None`` streams forever.
+    """
+    if remainder not in ("drop", "pad"):
+        raise ValueError(f"remainder must be 'drop' or 'pad', got {remainder!r}")
+    n = len(split)
+    per_epoch = steps_per_epoch(n, batch_size, remainder)
+    epoch, i = divmod(start_step, per_epoch)
+    while epochs is None or epoch < epochs:
+        order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+        for j in range(i, per_epoch):
+            idx = order[j * batch_size : (j + 1) * batch_size]
+            mask = np.ones(batch_size, np.float32)
+            if len(idx) < batch_size:
+                mask[len(idx) :] = 0.0
+                idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+            yield {"image": split.images[idx], "label": split.labels[idx], "mask": mask}
+        epoch, i = epoch + 1, 0
+
+
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh, axis: str = "data") -> dict:
+    """Place a host batch on ``mesh`` split along its leading axis over mesh axis ``axis``."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+    size = mesh.shape[axis]
+    for k, v in batch.items():
+        if v.shape[0] % size:
+            raise ValueError(f"batch[{k!r}] has leading size {v.shape[0]}, not divisible by mesh axis {axis!r} of size {size}")
+    return jax.device_put(batch, sharding)

@@ -1,0 +1,93 @@
+"""The one boundary between Flax Linen modules and plain pytrees, and the layer runner.
+
+Every mergejax model is a sequence of named top-level layers (``model.layer_names()``):
+the top-level keys of ``params`` and ``batch_stats`` are exactly those names, in forward
+order, the last one being ``"head"``. Per-layer code (FreezeOut, gates, merging) addresses
+a layer by that name or by its index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = Any  # a pytree of arrays
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # He et al. 2015
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count after a width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+    # momentum 0.9 == PyTorch's momentum=0.1; eps as in PyTorch.
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def run_layers(layers: Sequence[Callable], x: jax.Array, train: bool, frozen: int) -> jax.Array:
+    """Apply ``layers`` in order; the first ``frozen`` run in eval mode and no gradient
+    flows back through them (``stop_gradient`` at the prefix output), so XLA drops their
+    backward pass when ``frozen`` is static."""
+    if not 0 <= frozen < len(layers):
+        raise ValueError(f"frozen must be in [0, {len(layers) - 1}] (the head is never frozen), got {frozen}")
+    for i, layer in enumerate(layers):
+        x = layer(x, train=train and i >= frozen)
+        if i == frozen - 1:
+            x = jax.lax.stop_gradient(x)
+    return x
+
+
+class Head(nn.Module):
+    """Optional BN-ReLU, global average pool over (H, W) if the input is 4-D, then Dense."""
+
+    num_classes: int
+    pre_norm: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.pre_norm:
+            x = nn.relu(batch_norm(train)(x))
+        if x.ndim == 4:
+            x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> tuple[Params, Params]:
+    """Initialise ``model`` for inputs of shape ``input_shape`` (batch first).
+
+    Returns ``(params, batch_stats)``; ``batch_stats`` is ``{}`` for models without BatchNorm.
+    """
+    variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+    return variables["params"], variables.get("batch_stats", {})
+
+
+def apply_model(
+    model: nn.Module,
+    params: Params,
+    batch_stats: Params,
+    x: jax.Array,
+    *,
+    train: bool,
+    frozen: int = 0,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, Params]:
+    """Logits (B, num_classes) and the updated batch statistics (unchanged in eval mode).
+
+    ``rng`` feeds dropout in training (only models with dropout need it).
+    """
+    variables = {"params": params, "batch_stats": batch_stats}
+    if not train:
+        return model.apply(variables, x, train=False, frozen=frozen), batch_stats
+    rngs = {"dropout": rng} if rng is not None else {}
+    logits, updates = model.apply(variables, x, train=True, frozen=frozen, mutable=["batch_stats"], rngs=rngs)
+    return logits, updates.get("batch_stats", batch_stats)
+
+
+def count_params(params: Params) -> int:
+    """Total number of scalars in a pytree (works on ``jax.eval_shape`` output too)."""
+    return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in jax.tree.leaves(params))

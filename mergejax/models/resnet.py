@@ -1,0 +1,117 @@
+"""CIFAR ResNets (He et al. 2016, Sec. 4.2) and Wide-ResNets (Zagoruyko & Komodakis 2016)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from mergejax.models.core import Head, batch_norm, conv_init, run_layers, scaled
+from mergejax.models.mlp import ConvBNReLU
+
+
+def _conv(features, kernel, strides, name):
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides, padding=pad, use_bias=False, kernel_init=conv_init, name=name)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, then ReLU. The shortcut is the identity, or a
+    1x1 conv + BN projection when the stride or channel count changes (option B)."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        y = nn.relu(batch_norm(train, name="bn1")(_conv(self.features, 3, self.strides, "conv1")(x)))
+        y = batch_norm(train, name="bn2")(_conv(self.features, 3, 1, "conv2")(y))
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = batch_norm(train, name="proj_bn")(_conv(self.features, 1, self.strides, "proj_conv")(x))
+        return nn.relu(x + y)
+
+
+def _stage_plan(n: int, widths):
+    """[(name, features, strides)] for 3 stages of n blocks; stage s>0 starts with stride 2."""
+    return [(f"stage{s + 1}_block{b}", w, 2 if (s > 0 and b == 0) else 1) for s, w in enumerate(widths) for b in range(n)]
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet-(6n+2): ``stem`` (conv 16), 3 stages of n BasicBlocks with 16/32/64
+    channels (x ``width``), ``head`` (global average pool + Dense).
+
+    depth 20/32/44/56/110 -> n = 3/5/7/9/18. Input (B, 32, 32, 3) -> (B, num_classes).
+    """
+
+    num_classes: int
+    depth: int = 20
+    width: float = 1.0
+
+    def _plan(self):
+        if (self.depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {self.depth}")
+        return _stage_plan((self.depth - 2) // 6, [scaled(c, self.width) for c in (16, 32, 64)])
+
+    def layer_names(self) -> tuple[str, ...]:
+        return ("stem",) + tuple(name for name, _, _ in self._plan()) + ("head",)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, frozen: int = 0):
+        layers = [ConvBNReLU(scaled(16, self.width), name="stem")]
+        layers += [BasicBlock(f, s, name=name) for name, f, s in self._plan()]
+        return run_layers(layers + [Head(self.num_classes, name="head")], x, train, frozen)
+
+
+class WideBlock(nn.Module):
+    """Pre-activation block: BN-ReLU-conv3x3(stride)-BN-ReLU-[dropout]-conv3x3, plus the
+    identity or a 1x1 conv of the activated input when the shape changes."""
+
+    features: int
+    strides: int = 1
+    dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        a = nn.relu(batch_norm(train, name="bn1")(x))
+        y = _conv(self.features, 3, self.strides, "conv1")(a)
+        y = nn.relu(batch_norm(train, name="bn2")(y))
+        y = nn.Dropout(self.dropout, deterministic=not train)(y)
+        y = _conv(self.features, 3, 1, "conv2")(y)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = _conv(self.features, 1, self.strides, "proj_conv")(a)
+        return x + y
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k: ``stem`` conv 16, 3 stages of (depth-4)/6 pre-activation blocks with
+    16k/32k/64k channels, ``head`` (BN-ReLU, pool, Dense). WRN-28-10 has ~36.5M params.
+
+    ``dropout`` > 0 needs a ``'dropout'`` rng in training.
+    """
+
+    num_classes: int
+    depth: int = 28
+    widen: int = 10
+    dropout: float = 0.0
+    width: float = 1.0
+
+    def _plan(self):
+        if (self.depth - 4) % 6:
+            raise ValueError(f"Wide-ResNet depth must be 6n+4 (16, 22, 28, 40, ...), got {self.depth}")
+        widths = [scaled(c * self.widen, self.width) for c in (16, 32, 64)]
+        return _stage_plan((self.depth - 4) // 6, widths)
+
+    def layer_names(self) -> tuple[str, ...]:
+        return ("stem",) + tuple(name for name, _, _ in self._plan()) + ("head",)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, frozen: int = 0):
+        layers = [_Stem(scaled(16, self.width), name="stem")]
+        layers += [WideBlock(f, s, self.dropout, name=name) for name, f, s in self._plan()]
+        return run_layers(layers + [Head(self.num_classes, pre_norm=True, name="head")], x, train, frozen)
+
+
+class _Stem(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return _conv(self.features, 3, 1, "conv")(x)

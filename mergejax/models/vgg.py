@@ -1,0 +1,41 @@
+"""VGG for CIFAR (Simonyan & Zisserman 2015, configurations A/B/D/E), with BatchNorm."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from mergejax.models.core import Head, run_layers, scaled
+from mergejax.models.mlp import ConvBNReLU
+
+# Channels per conv; "M" = 2x2 max-pool after the previous conv.
+CONFIGS = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    """Layers ``conv0``..``conv{k-1}`` (conv3x3-BN-ReLU, max-pool where the config says),
+    then ``head`` (global average pool + Dense). On 32x32 input the last pool leaves 1x1,
+    so the head is the usual CIFAR ``Linear(512, num_classes)``. VGG-16: ~14.7M params.
+    """
+
+    num_classes: int
+    depth: int = 16
+    width: float = 1.0
+
+    def _plan(self):
+        if self.depth not in CONFIGS:
+            raise ValueError(f"VGG depth must be one of {sorted(CONFIGS)}, got {self.depth}")
+        cfg = CONFIGS[self.depth]
+        return [(c, i + 1 < len(cfg) and cfg[i + 1] == "M") for i, c in enumerate(cfg) if c != "M"]
+
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(f"conv{i}" for i in range(len(self._plan()))) + ("head",)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, frozen: int = 0):
+        layers = [ConvBNReLU(scaled(c, self.width), pool=p, name=f"conv{i}") for i, (c, p) in enumerate(self._plan())]
+        return run_layers(layers + [Head(self.num_classes, name="head")], x, train, frozen)

@@ -1,0 +1,85 @@
+"""Writing experiment outputs: ``results.json``, Markdown tables and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def write_json(path: str, obj: Any) -> str:
+    """Atomically write ``obj`` as indented JSON (numpy scalars/arrays converted)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_jsonable)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (tuple, set)):
+        return list(x)
+    return str(x)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".4f") -> str:
+    """A GitHub Markdown table of ``rows`` (dicts); columns default to the first row's keys."""
+    if not rows:
+        return "(no rows)\n"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else format(v, floatfmt)
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    """``{'mean', 'std', 'n'}`` (sample std; 0 for a single value)."""
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def fmt_mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    s = mean_std([v * scale for v in values])
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str, title: str = "", logy: bool = False) -> str:
+    """Save a line plot of ``{label: (xs, ys)}`` to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    if len(curves) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

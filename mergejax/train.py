@@ -1,0 +1,330 @@
+"""Train state, the pure train/eval steps, and the ``fit`` host loop.
+
+``train_step(state, batch, rng) -> (state, metrics)`` is a module-level pure function;
+jit it where you call it (``jax.jit(train_step, donate_argnums=0)``). ``fit`` is a thin
+host loop around it: progress bar, JSON-lines metrics, periodic evaluation, orbax
+checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mergejax import checkpoint as ckpt_lib
+from mergejax import data as data_lib
+from mergejax.models import apply_model, init_variables
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (pytree leaves) plus the static functions
+    that define the step (``apply_fn``, ``tx``, ``lr_fn``, ``augment_fn``; not leaves).
+
+    apply_fn(params, batch_stats, images, *, train, frozen, rng) -> (logits, batch_stats)
+    """
+
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Params
+    batch_stats: Params
+    opt_state: optax.OptState
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    lr_fn: Callable | None = flax.struct.field(pytree_node=False, default=None)
+    augment_fn: Callable | None = flax.struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def create(cls, *, apply_fn, params, batch_stats, tx, lr_fn=None, augment_fn=None) -> "TrainState":
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            apply_fn=apply_fn,
+            tx=tx,
+            lr_fn=lr_fn,
+            augment_fn=augment_fn,
+        )
+
+    def arrays(self) -> dict:
+        """The checkpointed part: ``{'step', 'params', 'batch_stats', 'opt_state'}``."""
+        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats, "opt_state": self.opt_state}
+
+    def replace_arrays(self, tree: dict) -> "TrainState":
+        return self.replace(**tree)
+
+
+def model_apply_fn(model: nn.Module) -> Callable:
+    """Wrap a Linen model as ``apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None)``."""
+
+    def apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None):
+        return apply_model(model, params, batch_stats, x, train=train, frozen=frozen, rng=rng)
+
+    return apply_fn
+
+
+def make_optimizer(
+    name: str,
+    lr: float | optax.Schedule,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+) -> optax.GradientTransformation:
+    """SGD (coupled L2 like PyTorch's ``weight_decay``, then momentum), Adam (coupled L2) or
+    AdamW (decoupled), with optional global-norm clipping first."""
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    if name == "sgd":
+        parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+        parts += [optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)]
+    elif name == "adam":
+        parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+        parts += [optax.adam(lr)]
+    elif name == "adamw":
+        parts += [optax.adamw(lr, weight_decay=weight_decay)]
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; available: sgd, adam, adamw")
+    return optax.chain(*parts)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy over examples with ``mask`` 1 (nats). logits (B, K), labels (B,)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if mask is None:
+        return losses.mean()
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: int = 0) -> tuple[TrainState, dict]:
+    """One optimizer step on ``batch = {'image': (B,H,W,C), 'label': (B,), ['mask': (B,)]}``.
+
+    ``rng`` drives augmentation and dropout. ``frozen`` (static) layers at the front run in
+    eval mode without backward. Metrics (scalars): loss, accuracy, grad_norm, param_norm, lr.
+    """
+    aug_rng, model_rng = jax.random.split(rng)
+    images = batch["image"]
+    if state.augment_fn is not None:
+        images = state.augment_fn(aug_rng, images)
+    mask = batch.get("mask")
+
+    def loss_fn(params):
+        logits, batch_stats = state.apply_fn(params, state.batch_stats, images, train=True, frozen=frozen, rng=model_rng)
+        return cross_entropy(logits, batch["label"], mask), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        "accuracy": _accuracy(logits, batch["label"], mask),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "lr": state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+def _accuracy(logits, labels, mask):
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    if mask is None:
+        return correct.mean()
+    return (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+    """Sums over the batch (so batches add up exactly): loss_sum, correct, count."""
+    logits, _ = state.apply_fn(state.params, state.batch_stats, batch["image"], train=False)
+    return eval_sums(logits, batch["label"], batch.get("mask"))
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> dict:
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"loss_sum": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+
+
+def evaluate(state: TrainState, split: data_lib.Split, batch_size: int = 500, step_fn: Callable | None = None) -> dict:
+    """Test loss (nats) and accuracy over every example of ``split`` exactly once."""
+    step_fn = step_fn or jax.jit(eval_step)
+    totals = None
+    for batch in data_lib.batches(split, min(batch_size, len(split)), seed=0, shuffle=False, remainder="pad", epochs=1):
+        sums = step_fn(state, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    return {"loss": float(totals["loss_sum"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def create_state(
+    model: nn.Module,
+    rng: jax.Array,
+    input_shape: Sequence[int],
+    tx: optax.GradientTransformation,
+    *,
+    lr_fn: Callable | None = None,
+    augment_fn: Callable | None = None,
+) -> TrainState:
+    """Initialise ``model`` and wrap it in a :class:`TrainState`."""
+    params, batch_stats = init_variables(model, rng, input_shape)
+    return TrainState.create(
+        apply_fn=model_apply_fn(model), params=params, batch_stats=batch_stats, tx=tx, lr_fn=lr_fn, augment_fn=augment_fn
+    )
+
+
+def prefetch_to_device(iterator: Iterable, size: int = 2, sharding=None) -> Iterator:
+    """Move batches to the device in a background thread, ``size`` ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    stop = threading.Event()
+
+    def producer():
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    return
+                q.put(jax.device_put(item, sharding) if sharding is not None else jax.device_put(item))
+        except Exception as e:  # surfaced in the consumer
+            q.put(e)
+            return
+        q.put(done)
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def first_nonfinite_leaf(tree: Any) -> str | None:
+    """Path of the first leaf containing NaN or Inf, or None."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            return jax.tree_util.keystr(path)
+    return None
+
+
+def fit(
+    state: TrainState,
+    train_split: data_lib.Split,
+    *,
+    num_steps: int,
+    batch_size: int,
+    seed: int = 0,
+    eval_split: data_lib.Split | None = None,
+    eval_every: int = 0,
+    eval_batch_size: int = 500,
+    log_every: int = 50,
+    workdir: str | None = None,
+    checkpoint_every: int = 0,
+    remainder: str = "drop",
+    callbacks: Sequence[Callable[[int, TrainState], None]] = (),
+    step_fn: Callable | None = None,
+    progress: bool = True,
+) -> tuple[TrainState, list[dict]]:
+    """Train ``state`` for ``num_steps`` optimizer steps; returns ``(state, history)``.
+
+    Deterministic in ``(seed, step)``: batch order comes from :func:`data.batches` and the
+    step rng is ``fold_in(key(seed), step)``. With ``workdir`` the loop checkpoints to
+    ``workdir/checkpoints`` every ``checkpoint_every`` steps and at the end, appends metrics
+    to ``workdir/metrics.jsonl``, and resumes from the latest checkpoint when restarted, so
+    an interrupted run ends with the same parameters as an uninterrupted one.
+    ``callbacks(step, state)`` run on the host after every step (``step`` = steps taken).
+    """
+    per_epoch = data_lib.steps_per_epoch(len(train_split), batch_size, remainder)
+    eval_every = eval_every or per_epoch
+    checkpoint_every = checkpoint_every or per_epoch
+    step_fn = step_fn or jax.jit(train_step, donate_argnums=0)
+    eval_fn = jax.jit(eval_step)
+    manager = None
+    log_file = None
+    start = 0
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+        manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"))
+        if manager.latest_step() is not None:
+            state = state.replace_arrays(manager.restore(state.arrays()))
+            start = int(state.step)
+        log_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    history: list[dict] = []
+
+    def log(record):
+        history.append(record)
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    base_rng = jax.random.key(seed)
+    stream = data_lib.batches(train_split, batch_size, seed=seed, start_step=start, remainder=remainder)
+    stream = prefetch_to_device(stream)
+    bar = _progress(start, num_steps, progress)
+    pending: list = []  # device metrics not yet fetched
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, num_steps):
+            batch = next(stream)
+            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+            pending.append(metrics)
+            done = step + 1
+            for cb in callbacks:
+                cb(done, state)
+            if done % log_every == 0 or done == num_steps:
+                record = _mean_metrics(pending)
+                pending = []
+                if not np.isfinite(record["loss"]):
+                    bad = first_nonfinite_leaf(state.params)
+                    raise FloatingPointError(f"non-finite loss {record['loss']} at step {done}; first bad parameter: {bad}")
+                log({"step": done, "split": "train", **record, "time_s": time.perf_counter() - t0})
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+            if eval_split is not None and (done % eval_every == 0 or done == num_steps):
+                log({"step": done, "split": "test", **evaluate(state, eval_split, eval_batch_size, eval_fn)})
+            if manager is not None and (done % checkpoint_every == 0 or done == num_steps):
+                manager.save(done, state.arrays())
+            bar.update(1)
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.close()
+        if log_file is not None:
+            log_file.close()
+    return state, history
+
+
+def _mean_metrics(pending: list) -> dict:
+    values = jax.device_get(pending)
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The JSON-lines records ``fit`` wrote to ``workdir/metrics.jsonl``."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no metrics log at {path}")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
