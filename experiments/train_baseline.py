@@ -18,6 +18,7 @@ from mergejax.config import TrainConfig, experiment_args, to_dict  # noqa: E402
 from mergejax.run import train_and_evaluate  # noqa: E402
 
 NAME = "train_baseline"
+ORDER = 0  # place in results/REPORT.md
 
 
 @dataclasses.dataclass(frozen=True)

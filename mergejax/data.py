@@ -115,12 +115,10 @@ def _tfds_numpy(name: str, split: str, data_dir: str, download: bool) -> tuple[n
         download=download,
         builder_kwargs={"file_format": "array_record"},
     )
-    n = len(source)
-    images, labels = [], []
-    for start in range(0, n, 1024):
-        rows = source.__getitems__(list(range(start, min(n, start + 1024))))
-        images.extend(r["image"] for r in rows)
-        labels.extend(r["label"] for r in rows)
+    # One record at a time: a one-off cost before the npz cache, and the batched
+    # ``__getitems__`` is broken under ``tfds.testing.mock_data`` (tfds 4.9.10).
+    rows = [source[i] for i in range(len(source))]
+    images, labels = [r["image"] for r in rows], [r["label"] for r in rows]
     images, labels = np.stack(images).astype(np.uint8), np.asarray(labels, np.int32)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = cache + f".tmp{os.getpid()}.npz"

@@ -1,0 +1,40 @@
+"""Shared fixtures: the digits splits (loaded once) and a runner for fresh Python processes
+(for tests that need their own JAX configuration, e.g. 8 simulated CPU devices)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """``(train, test)`` splits of the bundled digits dataset."""
+    from mergejax import data
+
+    return data.load("digits", "train"), data.load("digits", "test")
+
+
+@pytest.fixture
+def run_python():
+    """``run_python(code, env={...}, timeout=s) -> CompletedProcess``: run ``code`` in a fresh
+    interpreter (cwd = repo root); raises with its stderr if it fails."""
+
+    def run(code: str, *, env: dict | None = None, timeout: float = 300, check: bool = True):
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full_env,
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"subprocess failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+        return proc
+
+    return run
