@@ -65,14 +65,24 @@ def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
         new = _set(current, rest, value, full) if rest else _coerce(current, value, full)
         return dataclasses.replace(obj, **{head: new})
     if isinstance(obj, Mapping):
+        if rest and head not in obj:
+            raise KeyError(f"unknown config key {full!r}: no {head!r} in {{{', '.join(map(str, obj))}}}")
         new = _set(obj[head], rest, value, full) if rest else value
         return {**obj, head: new}
     raise KeyError(f"config key {full!r}: cannot descend into {type(obj).__name__}")
 
 
 def _coerce(current: Any, value: Any, full: str) -> Any:
-    if isinstance(current, bool) or current is None or isinstance(value, bool):
+    if current is None:
         return value
+    if isinstance(current, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"  # `augment=false` must not become the truthy string "false"
+        if not isinstance(value, bool):
+            raise TypeError(f"config key {full!r} expects bool (True/False), got {value!r}")
+        return value
+    if isinstance(value, bool) and isinstance(current, (int, float, str)):
+        raise TypeError(f"config key {full!r} expects {type(current).__name__}, got {value!r}")
     if isinstance(current, float) and isinstance(value, int):
         return float(value)
     if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):

@@ -275,7 +275,10 @@ def fit(
 
     base_rng = jax.random.key(seed)
     stream = data_lib.batches(train_split, batch_size, seed=seed, start_step=start, remainder=remainder)
-    stream = prefetch_to_device(stream)
+    if jax.default_backend() != "cpu":
+        # On CPU "device" memory is host memory: a prefetch thread gains nothing and its GIL
+        # contention cost ~5-10 ms per step in benchmarks/train_step.py.
+        stream = prefetch_to_device(stream)
     bar = _progress(start, num_steps, progress)
     pending: list = []  # device metrics not yet fetched
     t0 = time.perf_counter()
@@ -288,11 +291,16 @@ def fit(
             for cb in callbacks:
                 cb(done, state)
             if done % log_every == 0 or done == num_steps:
-                record = _mean_metrics(pending)
+                values = jax.device_get(pending)
                 pending = []
+                record = _mean_metrics(values)
                 if not np.isfinite(record["loss"]):
+                    first = next(i for i, v in enumerate(values) if not np.isfinite(v["loss"]))
                     bad = first_nonfinite_leaf(state.params)
-                    raise FloatingPointError(f"non-finite loss {record['loss']} at step {done}; first bad parameter: {bad}")
+                    raise FloatingPointError(
+                        f"non-finite loss {float(values[first]['loss'])} at step {done - len(values) + first + 1} "
+                        f"(detected at step {done}); first bad parameter: {bad}"
+                    )
                 log({"step": done, "split": "train", **record, "time_s": time.perf_counter() - t0})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
             if eval_split is not None and (done % eval_every == 0 or done == num_steps):
@@ -309,8 +317,7 @@ def fit(
     return state, history
 
 
-def _mean_metrics(pending: list) -> dict:
-    values = jax.device_get(pending)
+def _mean_metrics(values: list) -> dict:
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 

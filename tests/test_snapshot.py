@@ -1,0 +1,152 @@
+"""Snapshot collection at schedule boundaries and ensemble prediction vs a float64 numpy reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mergejax import data, schedules
+from mergejax.models import make_model
+from mergejax.snapshot import (
+    SnapshotCollector,
+    ensemble_sums,
+    evaluate_ensemble,
+    stack_trees,
+    unstack_tree,
+    vote_predictions,
+)
+from mergejax.train import create_state, fit, make_optimizer
+
+
+def _np_ensemble(logits, labels, mask):
+    """float64 reference: per m = 1..M, the mean softmax of the LAST m members (M, N, K)."""
+    logits = np.asarray(logits, np.float64)
+    z = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    M = len(probs)
+    out = {"accuracy": [], "nll": [], "vote_accuracy": []}
+    w = mask / mask.sum()
+    for m in range(1, M + 1):
+        p = probs[M - m:].mean(0)
+        out["accuracy"].append(float((w * (p.argmax(-1) == labels)).sum()))
+        out["nll"].append(float(-(w * np.log(p[np.arange(len(labels)), labels])).sum()))
+        votes = np.zeros_like(p)
+        for j in range(M - m, M):
+            votes[np.arange(len(labels)), probs[j].argmax(-1)] += 1
+        out["vote_accuracy"].append(float((w * (votes.argmax(-1) == labels)).sum()))  # ties -> lowest index
+    return out
+
+
+def _linear_apply(params, batch_stats, x, *, train, rng=None):
+    """A stand-in model with a 'batch statistic': logits = (x - mean) @ w + b."""
+    x = x.reshape(x.shape[0], -1)
+    return (x - batch_stats["mean"]) @ params["w"] + params["b"], batch_stats
+
+
+def test_ensemble_sums_match_numpy():
+    rng = np.random.default_rng(0)
+    M, B, D, K = 5, 37, 6, 4
+    params = {"w": rng.normal(size=(M, D, K)).astype(np.float32) * 2, "b": rng.normal(size=(M, K)).astype(np.float32)}
+    stats = {"mean": rng.normal(size=(M, D)).astype(np.float32)}
+    x = rng.normal(size=(B, D)).astype(np.float32)
+    y = rng.integers(0, K, size=B).astype(np.int32)
+    mask = (rng.random(B) < 0.8).astype(np.float32)
+    got = jax.jit(ensemble_sums, static_argnums=0)(_linear_apply, params, stats, {"image": x, "label": y, "mask": mask})
+    logits = np.stack([(x - stats["mean"][i]) @ params["w"][i] + params["b"][i] for i in range(M)])
+    ref = _np_ensemble(logits, y, mask)
+    np.testing.assert_allclose(got["count"], mask.sum())
+    np.testing.assert_allclose(np.asarray(got["correct"]) / mask.sum(), ref["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["nll_sum"]) / mask.sum(), ref["nll"], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["vote_correct"]) / mask.sum(), ref["vote_accuracy"], atol=1e-6)
+    # m = 1 is the last snapshot alone, m = M all of them; the curves are not all equal
+    assert len(set(np.round(ref["nll"], 6))) > 1
+
+
+def test_hard_vote_hand_example():
+    # 3 members, 1 example, 3 classes; argmaxes (in order): 2, 1, 1
+    lp = jnp.log(jnp.array([[[0.1, 0.2, 0.7]], [[0.2, 0.5, 0.3]], [[0.1, 0.6, 0.3]]]))
+    # last 1: {1} -> 1; last 2: {1, 1} -> 1; last 3: {2, 1, 1} -> 1
+    assert vote_predictions(lp)[:, 0].tolist() == [1, 1, 1]
+    # tie: members argmax 2 then 0 -> last 2 votes {0: 1, 2: 1} -> lowest index 0
+    lp = jnp.log(jnp.array([[[0.1, 0.2, 0.7]], [[0.8, 0.1, 0.1]]]))
+    assert vote_predictions(lp)[:, 0].tolist() == [0, 0]
+
+
+def test_evaluate_ensemble_real_model_matches_per_snapshot_loop(digits):
+    _, test = digits
+    model = make_model("cnn", 10, width=0.25)
+    from mergejax.models import apply_model, init_variables
+    from mergejax.train import model_apply_fn
+
+    snaps = []
+    for i in range(3):
+        p, s = init_variables(model, jax.random.key(i), (1, 8, 8, 1))
+        s = jax.tree.map(lambda v, i=i: v + 0.1 * (i + 1), s)  # non-trivial BN statistics
+        snaps.append({"params": p, "batch_stats": s})
+    st = stack_trees(snaps)
+    small = data.Split(test.images[:130], test.labels[:130], test.num_classes, test.name)
+    got = evaluate_ensemble(model_apply_fn(model), st["params"], st["batch_stats"], small, batch_size=50)  # padded last batch
+    seq = evaluate_ensemble(model_apply_fn(model), st["params"], st["batch_stats"], small, batch_size=50, member_map="map")
+    one = jax.jit(lambda p, s: apply_model(model, p, s, small.images, train=False)[0])  # a second implementation: loop
+    logits = np.stack([np.asarray(one(s["params"], s["batch_stats"])) for s in snaps])
+    ref = _np_ensemble(logits, small.labels, np.ones(130))
+    assert got["m"] == [1, 2, 3]
+    np.testing.assert_allclose(got["accuracy"], ref["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(got["nll"], ref["nll"], rtol=1e-5)
+    np.testing.assert_allclose(got["vote_accuracy"], ref["vote_accuracy"], atol=1e-6)
+    np.testing.assert_allclose(got["error"], 1 - np.asarray(ref["accuracy"]), atol=1e-6)
+    for key in ("accuracy", "nll", "vote_accuracy"):  # lax.map over members: the same numbers
+        np.testing.assert_allclose(seq[key], ref[key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="member_map"):
+        evaluate_ensemble(model_apply_fn(model), st["params"], st["batch_stats"], small, member_map="loop")
+
+
+def test_stack_trees_errors_name_the_leaf():
+    a = {"head": {"kernel": jnp.zeros((4, 3))}}
+    b = {"head": {"kernel": jnp.zeros((5, 3))}}
+    with pytest.raises(ValueError, match=r"snapshot 1 has leaf \['head'\]\['kernel'\] of shape \(5, 3\)"):
+        stack_trees([a, b])
+    st = stack_trees([a, a])
+    assert st["head"]["kernel"].shape == (2, 4, 3) and len(unstack_tree(st)) == 2
+
+
+def _tiny_run(train, num_steps, state, callbacks=()):
+    state = jax.tree.map(jnp.copy, state)  # fit donates its input
+    return fit(state, train, num_steps=num_steps, batch_size=32, seed=3, callbacks=callbacks, progress=False)[0]
+
+
+def test_collector_takes_snapshot_at_each_cycle_end(digits, tmp_path):
+    train, _ = digits
+    T, M = 14, 3  # not divisible: cycles of 4, 5, 5 steps
+    lr_fn = schedules.snapshot_cosine(0.1, T, M)
+    bounds = schedules.snapshot_boundaries(T, M)
+    assert bounds == (4, 9, 14)
+    model = make_model("cnn", 10, width=0.25)
+    state = create_state(model, jax.random.key(0), (1, 8, 8, 1), make_optimizer("sgd", lr_fn, nesterov=True), lr_fn=lr_fn)
+    mem = SnapshotCollector(bounds)
+    disk = SnapshotCollector(bounds, directory=str(tmp_path / "snaps"))
+    final = _tiny_run(train, T, state, [mem, disk])
+    assert mem.steps == list(bounds) and disk.steps == list(bounds)
+    # independent reference: the same deterministic run stopped at each boundary
+    for b, snap, dsnap in zip(bounds, mem.snapshots(), disk.snapshots()):
+        ref = final if b == T else _tiny_run(train, b, state)
+        for got in (snap, dsnap):
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), got["params"], ref.params)
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), got["batch_stats"], ref.batch_stats)
+    # snapshots differ from each other (the collector did not alias one buffer)
+    k0, k1 = (s["params"]["head"]["Dense_0"]["kernel"] for s in mem.snapshots()[:2])
+    assert not np.allclose(k0, k1)
+    p, s = mem.stacked(last=2)
+    assert jax.tree.leaves(p)[0].shape[0] == 2
+    # a collector over an existing directory picks the snapshots up (resume)
+    again = SnapshotCollector(bounds, directory=str(tmp_path / "snaps"))
+    assert again.steps == list(bounds)
+
+
+def test_collector_validates():
+    with pytest.raises(ValueError, match="distinct"):
+        SnapshotCollector((3, 3))
+    with pytest.raises(ValueError, match="no snapshot"):
+        SnapshotCollector((3,)).stacked()

@@ -1,0 +1,127 @@
+"""SWA: running mean, the optax transform, and BatchNorm re-estimation, against numpy float64."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mergejax import data, schedules
+from mergejax.models import make_model
+from mergejax.snapshot import SnapshotCollector
+from mergejax.swa import recompute_batch_stats, running_mean, swa_average, swa_params, swa_state
+from mergejax.train import create_state, fit, make_optimizer
+
+
+def test_running_mean_is_the_mean():
+    rng = np.random.default_rng(0)
+    trees = [{"a": rng.normal(size=(3, 2)).astype(np.float32), "b": {"c": rng.normal(size=(4,)).astype(np.float32)}} for _ in range(7)]
+    avg = jax.tree.map(jnp.zeros_like, trees[0])
+    for n, t in enumerate(trees):
+        avg = running_mean(avg, t, n)
+    ref = jax.tree.map(lambda *xs: np.mean(np.stack(xs).astype(np.float64), 0), *trees)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), avg, ref)
+    # n = 0 gives the new tree whatever avg holds (to rounding); traced n works under jit
+    out = jax.jit(running_mean)(trees[1], trees[2], jnp.int32(0))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), out, trees[2])
+
+
+def test_running_mean_errors_name_the_leaf():
+    with pytest.raises(ValueError, match=r"leaf \['a'\] has shape \(3,\)"):
+        running_mean({"a": jnp.zeros(2)}, {"a": jnp.zeros(3)}, 1)
+    with pytest.raises(ValueError, match="only in the new"):
+        running_mean({"a": jnp.zeros(2)}, {"a": jnp.zeros(2), "z": jnp.zeros(1)}, 1)
+
+
+@pytest.mark.parametrize("start,every", [(1, 1), (5, 3), (10, 4)])
+def test_swa_transform_vs_numpy_sgd(start, every):
+    """Gradient descent on 0.5 |w - c|^2 with a decaying lr; SWA mean vs a float64 simulation."""
+    c = np.array([1.0, -2.0, 0.5])
+    lr_fn = lambda k: 0.3 / (1.0 + 0.1 * k)  # noqa: E731
+    tx = optax.chain(optax.sgd(lr_fn), swa_average(start, every))
+    w = {"w": jnp.zeros(3, jnp.float32)}
+    state = tx.init(w)
+    step = jax.jit(lambda w, s: (lambda u, s2: (optax.apply_updates(w, u), s2))(*tx.update(jax.tree.map(lambda x: x - c, w), s, w)))
+    ref_w, taken = np.zeros(3), []
+    for k in range(20):
+        w, state = step(w, state)
+        ref_w = ref_w - lr_fn(k) * (ref_w - c)
+        s = k + 1
+        if s >= start and (s - start) % every == 0:
+            taken.append(ref_w.copy())
+    assert int(swa_state(state).n) == len(taken)
+    np.testing.assert_allclose(swa_params(state)["w"], np.mean(taken, 0), rtol=1e-5)
+    np.testing.assert_allclose(w["w"], ref_w, rtol=1e-5)  # the transform left updates unchanged
+
+
+def test_swa_params_before_start_raises():
+    tx = optax.chain(optax.sgd(0.1), swa_average(100))
+    state = tx.init({"w": jnp.zeros(2)})
+    with pytest.raises(ValueError, match="averaged no model"):
+        swa_params(state)
+    with pytest.raises(ValueError, match="exactly one SWAState"):
+        swa_state(optax.sgd(0.1).init({"w": jnp.zeros(2)}))
+
+
+def test_swa_in_fit_equals_mean_of_collected_snapshots(digits):
+    """Second implementation: SnapshotCollector at the same steps, averaged in numpy."""
+    train, _ = digits
+    T, start, every = 16, 7, 3
+    lr_fn = schedules.swa_schedule(0.1, 0.02, start)
+    tx = optax.chain(make_optimizer("sgd", lr_fn, momentum=0.9), swa_average(start, every))
+    state = create_state(make_model("cnn", 10, width=0.25), jax.random.key(0), (1, 8, 8, 1), tx, lr_fn=lr_fn)
+    steps = list(range(start, T + 1, every))
+    collector = SnapshotCollector(steps)
+    state, _ = fit(state, train, num_steps=T, batch_size=32, seed=1, callbacks=[collector], progress=False)
+    ref = jax.tree.map(lambda *xs: np.mean(np.stack(xs).astype(np.float64), 0), *[s["params"] for s in collector.snapshots()])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), swa_params(state.opt_state), ref)
+    assert int(swa_state(state.opt_state).n) == len(steps) == 4
+
+
+class _TwoBN(nn.Module):
+    momentum: float
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=1e-5, name=name)  # noqa: E731
+        x = nn.relu(bn("bn0")(nn.Dense(5, name="d0")(x)))
+        x = bn("bn1")(nn.Dense(4, name="d1")(x))
+        return nn.Dense(3, name="d2")(x)
+
+
+def _np_two_bn_stats(p, x):
+    """float64: batch mean / biased variance at bn0 and bn1 (train-mode forward)."""
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    h0 = x @ f(p["d0"]["kernel"]) + f(p["d0"]["bias"])
+    m0, v0 = h0.mean(0), h0.var(0)
+    z = np.maximum((h0 - m0) / np.sqrt(v0 + 1e-5) * f(p["bn0"]["scale"]) + f(p["bn0"]["bias"]), 0)
+    h1 = z @ f(p["d1"]["kernel"]) + f(p["d1"]["bias"])
+    return {"bn0": {"mean": m0, "var": v0}, "bn1": {"mean": h1.mean(0), "var": h1.var(0)}}
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99])
+def test_recompute_batch_stats_vs_numpy(momentum):
+    rng = np.random.default_rng(0)
+    n, d, bs = 70, 6, 16  # 4 full batches, 6 examples dropped
+    split = data.Split(rng.normal(1.0, 2.0, size=(n, d)).astype(np.float32), rng.integers(0, 3, n).astype(np.int32), 3, "toy")
+    model = _TwoBN(momentum)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, d)), train=False)
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), variables["params"])
+    stale = jax.tree.map(lambda s: s + 5.0, variables["batch_stats"])
+
+    def apply_fn(params, batch_stats, x, *, train, rng=None):
+        if not train:
+            return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False), batch_stats
+        out, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+        return out, upd["batch_stats"]
+
+    got = recompute_batch_stats(apply_fn, params, stale, split, bs, seed=4)
+    per_batch = [_np_two_bn_stats(params, b["image"].astype(np.float64)) for b in data.batches(split, bs, seed=4, remainder="drop", epochs=1)]
+    assert len(per_batch) == 4
+    ref = jax.tree.map(lambda *xs: np.mean(xs, 0), *per_batch)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), got, ref)
+    # a model without BatchNorm keeps {}
+    assert recompute_batch_stats(apply_fn, params, {}, split, bs) == {}
