@@ -1,0 +1,345 @@
+"""FreezeOut (Brock et al. 2017, arXiv 1706.04983): per-layer cosine learning rates and
+progressive freezing of a prefix of layers that really skips its backward pass.
+
+Layer i (in ``model.layer_names()`` order, head last) has its own schedule
+
+    t_i = f(t_0 + (1 - t_0) i / L),  f(x) = x, x^2 or x^3,  i = 0..L (the head: t_L = 1)
+    alpha_i(t) = 0.5 alpha_i(0) (1 + cos(pi t / (t_i T)))  for t < t_i T, then frozen,
+
+with ``alpha_i(0) = alpha(0) / t_i`` (scaled) or ``alpha(0)`` (unscaled); t counts optimizer
+steps, T is the real number of steps of the run. Layer i is frozen from step
+``ceil(t_i T)`` on: its parameters and BatchNorm statistics never change again.
+
+The pieces:
+
+* :func:`make_plan` -> :class:`FreezeOutPlan` (structure as data: t_i, alpha_i(0), freeze steps
+  and the freeze *stages*, i.e. at which step the static frozen prefix grows).
+* :func:`freezeout_tx`: a unit-rate optax optimizer followed by :func:`scale_by_freezeout`,
+  which multiplies layer i's updates by alpha_i(t) and zeroes them from its freeze step on
+  (*after* the optimizer, so momentum and weight decay cannot move a frozen layer). The
+  schedule is data in the optimizer state (:class:`FreezeOutState`), so one compiled step
+  serves every plan of a sweep (:func:`with_plan` swaps it).
+* :func:`freezeout_step`: ``train.train_step`` with the static ``frozen`` prefix (eval-mode
+  layers, ``stop_gradient`` at the prefix output, so XLA drops their backward) plus a
+  per-step hold of every layer already past its freeze step (exact: ``where(frozen, old, new)``
+  on parameters and batch statistics). One compiled step per stage (:func:`stage_step`).
+* :func:`compile_stages` (jit + lower + compile every stage once, FLOPs from XLA's cost
+  analysis), :func:`predict_saving`, :func:`cost_report` and :func:`staged_step_fn` (a
+  ``fit``-compatible ``step_fn`` that switches to the right compiled stage on the host).
+
+Grouping (``max_stages``): with fewer compiled stages than layers, the static prefix grows
+only when the last layer of a group freezes; a layer frozen earlier inside its group is held
+exactly by the per-step hold (its schedule is unchanged), but its backward is still computed
+and its BatchNorm still normalises with batch statistics in the forward pass until its
+group's stage starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mergejax import train as train_lib
+
+Params = Any
+SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}
+_EPS = 1e-9  # t_i * T that is an integer up to float rounding counts as that integer
+
+
+def layer_fractions(num_layers: int, t0: float, spacing: str = "cubic") -> tuple[float, ...]:
+    """``(t_0', ..., t_L')`` for ``num_layers = L + 1`` layers (head last, t = 1).
+
+    ``t_i' = f(t0 + (1 - t0) i / L)``; the power applies to the whole expression, so cubic with
+    t0 = 0.8 freezes layer 0 at 0.512 of training.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; available: {', '.join(SPACINGS)}")
+    if not 0.0 < t0 <= 1.0:
+        raise ValueError(f"t0 must be in (0, 1], got {t0}")
+    if num_layers < 1:
+        raise ValueError(f"need at least one layer (the head), got {num_layers}")
+    L = num_layers - 1
+    p = SPACINGS[spacing]
+    return tuple(1.0 if i == L else (t0 + (1.0 - t0) * i / L) ** p for i in range(L + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeOutPlan:
+    """Everything static about one FreezeOut run (all tuples are in layer order, head last).
+
+    fractions: t_i (fraction of training at which layer i freezes; head 1.0).
+    lr0: alpha_i(0). freeze_steps: first step at which layer i is frozen (``ceil(t_i T)``;
+    the head gets ``total_steps``, i.e. never). stages: ``((first_step, frozen_prefix), ...)``,
+    starting with ``(0, 0)``, strictly increasing in both.
+    """
+
+    layer_names: tuple[str, ...]
+    total_steps: int
+    fractions: tuple[float, ...]
+    lr0: tuple[float, ...]
+    freeze_steps: tuple[int, ...]
+    stages: tuple[tuple[int, int], ...]
+
+    def schedules(self) -> dict[str, optax.Schedule]:
+        """``{layer: alpha_i}`` as optax schedules (cosine over ``t_i T`` steps, then 0)."""
+        return {
+            name: optax.cosine_decay_schedule(a0, t * self.total_steps)
+            for name, a0, t in zip(self.layer_names, self.lr0, self.fractions)
+        }
+
+    def frozen_at(self, step: int) -> int:
+        """The static frozen prefix length of the stage that runs optimizer step ``step`` (host int)."""
+        k = 0
+        for start, frozen in self.stages:
+            if step >= start:
+                k = frozen
+        return k
+
+    def stage_lengths(self) -> list[tuple[int, int]]:
+        """``[(frozen_prefix, number of steps run in that stage), ...]`` summing to ``total_steps``."""
+        bounds = [s for s, _ in self.stages] + [self.total_steps]
+        return [(k, bounds[j + 1] - s) for j, (s, k) in enumerate(self.stages)]
+
+
+def make_plan(
+    layer_names: Sequence[str],
+    total_steps: int,
+    *,
+    lr: float = 0.1,
+    t0: float = 0.8,
+    spacing: str = "cubic",
+    scaled: bool = True,
+    max_stages: int | None = None,
+) -> FreezeOutPlan:
+    """The FreezeOut plan for ``layer_names`` (``model.layer_names()``, head last) over ``total_steps``.
+
+    ``scaled``: alpha_i(0) = lr / t_i, else lr. ``max_stages``: at most this many compiled steps
+    (including the unfrozen first one) by freezing contiguous groups of layers together
+    (``None``: one stage per distinct freeze step). ``t0 = 1`` freezes nothing (the baseline).
+    """
+    names = tuple(layer_names)
+    if not names or names[-1] != "head":
+        raise ValueError(f"layer_names must end with 'head' (never frozen), got {names}")
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    fr = layer_fractions(len(names), t0, spacing)
+    lr0 = tuple(lr / t if scaled else lr for t in fr)
+    L = len(names) - 1
+    steps = tuple(min(total_steps, math.ceil(t * total_steps - _EPS)) for t in fr[:L]) + (total_steps,)
+    if max_stages is None:
+        groups = [[i] for i in range(L)]
+    else:
+        if max_stages < 1:
+            raise ValueError(f"max_stages must be >= 1, got {max_stages}")
+        groups = [list(g) for g in np.array_split(np.arange(L), max_stages - 1) if len(g)] if max_stages > 1 and L else []
+    stages = {0: 0}
+    for g in groups:
+        last = g[-1]
+        start = max(steps[i] for i in g)
+        if start < total_steps:
+            stages[start] = max(stages.get(start, 0), last + 1)
+    ordered, k = [], -1
+    for start in sorted(stages):
+        if stages[start] > k:
+            k = stages[start]
+            ordered.append((start, k))
+    return FreezeOutPlan(names, int(total_steps), fr, lr0, steps, tuple(ordered))
+
+
+# --------------------------------------------------------------------------- optax
+
+
+class FreezeOutState(NamedTuple):
+    """The schedule as data (so one compiled step serves every plan): per layer name
+    ``lr0`` alpha_i(0), ``horizon`` t_i T (steps) and ``freeze_steps`` (int32), plus ``count``."""
+
+    count: jax.Array
+    lr0: dict
+    horizon: dict
+    freeze_steps: dict
+
+
+def _plan_arrays(plan: FreezeOutPlan) -> dict:
+    f = jnp.asarray(0.0).dtype  # float64 under jax.enable_x64, else float32
+    return {
+        "lr0": {n: jnp.asarray(a, f) for n, a in zip(plan.layer_names, plan.lr0)},
+        "horizon": {n: jnp.asarray(t * plan.total_steps, f) for n, t in zip(plan.layer_names, plan.fractions)},
+        "freeze_steps": {n: jnp.asarray(s, jnp.int32) for n, s in zip(plan.layer_names, plan.freeze_steps)},
+    }
+
+
+def layer_rates(state: FreezeOutState) -> dict[str, jax.Array]:
+    """``{layer: alpha_i(count)}``: 0.5 lr0 (1 + cos(pi count / horizon)), exactly 0 once frozen."""
+    out = {}
+    for n, a0 in state.lr0.items():
+        t = state.count.astype(a0.dtype)
+        cos = 0.5 * a0 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(t, state.horizon[n]) / state.horizon[n]))
+        out[n] = jnp.where(state.count < state.freeze_steps[n], cos, jnp.zeros_like(cos))
+    return out
+
+
+def scale_by_freezeout(plan: FreezeOutPlan) -> optax.GradientTransformation:
+    """Multiply the updates of top-level layer i by alpha_i(t) (see :func:`layer_rates`); from
+    layer i's freeze step on its updates are exactly 0, whatever came before in the chain
+    (momentum, weight decay). Put it last, after a unit-rate optimizer.
+    The plan lives in the state: :func:`with_plan` swaps it without recompiling.
+    """
+
+    def init(params):
+        if set(params) != set(plan.layer_names):
+            raise ValueError(f"params have top-level layers {sorted(params)}, the plan has {sorted(plan.layer_names)}")
+        return FreezeOutState(jnp.zeros((), jnp.int32), **_plan_arrays(plan))
+
+    def update(updates, state, params=None):
+        del params
+        rates = layer_rates(state)
+        out = {}
+        for k, v in updates.items():
+            if k not in rates:
+                raise ValueError(f"updates have a top-level layer {k!r} the FreezeOut plan does not know ({sorted(rates)})")
+            live = state.count < state.freeze_steps[k]
+            out[k] = jax.tree.map(lambda u: jnp.where(live, u * rates[k].astype(u.dtype), jnp.zeros_like(u)), v)
+        return out, state._replace(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def freezeout_tx(plan: FreezeOutPlan, base: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``base`` (an optimizer with learning rate 1, e.g. ``train.make_optimizer('sgd', 1.0,
+    momentum=0.9, nesterov=True, weight_decay=1e-4)``) followed by :func:`scale_by_freezeout`.
+
+    Same arithmetic as SGD/Adam with per-layer learning-rate groups (the rate multiplies the
+    final direction, as in PyTorch param groups and optax's ``scale_by_learning_rate``);
+    tested against one ``optax.partition`` label per layer with ``cosine_decay_schedule``.
+    """
+    return optax.chain(base, scale_by_freezeout(plan))
+
+
+def _is_fo_state(x) -> bool:
+    return isinstance(x, FreezeOutState)
+
+
+def freezeout_state(opt_state: optax.OptState) -> FreezeOutState:
+    """The (single) :class:`FreezeOutState` inside ``opt_state``."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_fo_state) if _is_fo_state(x)]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one FreezeOutState in the optimizer state, found {len(found)}; build tx with freezeout_tx")
+    return found[0]
+
+
+def with_plan(opt_state: optax.OptState, plan: FreezeOutPlan) -> optax.OptState:
+    """``opt_state`` with its FreezeOut schedule replaced by ``plan``'s (count kept). Same
+    layer names required; compiled steps keep working (the schedule is data)."""
+    old = freezeout_state(opt_state)
+    if set(old.lr0) != set(plan.layer_names):
+        raise ValueError(f"plan layers {sorted(plan.layer_names)} differ from the state's {sorted(old.lr0)}")
+    arrays = _plan_arrays(plan)
+    arrays = {k: {n: a.astype(getattr(old, k)[n].dtype) for n, a in v.items()} for k, v in arrays.items()}
+    return jax.tree.map(lambda x: x._replace(**arrays) if _is_fo_state(x) else x, opt_state, is_leaf=_is_fo_state)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def hold(old: Params, new: Params, held: Mapping[str, jax.Array]) -> Params:
+    """``new`` with every top-level subtree ``k`` where ``held[k]`` replaced by ``old`` (bit-exact)."""
+    return {k: (jax.tree.map(lambda a, b: jnp.where(held[k], a, b), old[k], v) if k in held else v) for k, v in new.items()}
+
+
+def freezeout_step(state: train_lib.TrainState, batch: dict, rng: jax.Array, frozen: int = 0) -> tuple[train_lib.TrainState, dict]:
+    """``train_step`` with the static prefix ``frozen`` (eval mode, no backward there) and every
+    layer past its freeze step (read from the optimizer state) held exactly: parameters and
+    batch statistics. jit once per ``frozen``; ``state.tx`` must come from :func:`freezeout_tx`.
+
+    Extra metric: ``frozen_layers`` (layers held at this step).
+    """
+    fs = freezeout_state(state.opt_state)
+    held = {n: fs.count >= f for n, f in fs.freeze_steps.items()}
+    new, metrics = train_lib.train_step(state, batch, rng, frozen=frozen)
+    new = new.replace(params=hold(state.params, new.params, held), batch_stats=hold(state.batch_stats, new.batch_stats, held))
+    metrics["frozen_layers"] = sum(h.astype(jnp.int32) for h in held.values())
+    return new, metrics
+
+
+def stage_step(frozen: int) -> Callable:
+    """The jitted step of the stage with static prefix ``frozen`` (state donated)."""
+    return jax.jit(functools.partial(freezeout_step, frozen=frozen), donate_argnums=0)
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def compile_stages(plan: FreezeOutPlan, state: train_lib.TrainState, batch: dict, rng: jax.Array,
+                   steps: Mapping[int, Callable] | None = None, costs: Mapping[int, dict] | None = None) -> tuple[dict[int, Callable], dict[int, dict]]:
+    """Compile every stage of ``plan`` (and the unfrozen stage 0) once for these argument shapes.
+
+    Returns ``(steps, costs)``: ``steps[frozen]`` is the compiled step (call it like the step),
+    ``costs[frozen] = {'flops': per step from XLA's cost analysis, 'compile_s'}``. Stages already
+    in ``steps``/``costs`` (from another plan on the same state structure) are reused.
+    """
+    steps, costs = dict(steps or {}), dict(costs or {})
+    for k in sorted({0, *(f for _, f in plan.stages)}):
+        if k in steps and k in costs:
+            continue
+        t = time.perf_counter()
+        compiled = stage_step(k).lower(state, batch, rng).compile()
+        steps[k] = compiled
+        costs[k] = {"flops": _flops(compiled), "compile_s": time.perf_counter() - t}
+    return steps, costs
+
+
+def predict_saving(plan: FreezeOutPlan, costs: Mapping[int, Mapping[str, float]]) -> dict:
+    """Whole-run FLOPs with and without freezing and the predicted saving (fraction).
+
+    ``costs[frozen]['flops']`` per stage (from :func:`compile_stages`); the baseline runs
+    ``total_steps`` steps of stage 0.
+    """
+    base = costs[0]["flops"] * plan.total_steps
+    run = sum(costs[k]["flops"] * n for k, n in plan.stage_lengths())
+    return {"baseline_flops": base, "freezeout_flops": run, "saving": 1.0 - run / base}
+
+
+def cost_report(plan: FreezeOutPlan, costs: Mapping[int, Mapping[str, float]]) -> str:
+    """A few lines: per stage (first step, frozen layers, steps, GFLOPs/step) and the predicted saving."""
+    lines = ["stage  first_step  frozen  steps  GFLOP/step  vs stage0  compile_s"]
+    f0 = costs[0]["flops"]
+    for j, ((start, k), (_, n)) in enumerate(zip(plan.stages, plan.stage_lengths())):
+        c = costs[k]
+        lines.append(f"{j:5d}  {start:10d}  {k:6d}  {n:5d}  {c['flops'] / 1e9:10.4f}  {c['flops'] / f0:9.3f}  {c['compile_s']:9.2f}")
+    p = predict_saving(plan, costs)
+    lines.append(f"predicted FLOP saving over {plan.total_steps} steps: {100 * p['saving']:.1f}%")
+    return "\n".join(lines)
+
+
+def staged_step_fn(plan: FreezeOutPlan, steps: Mapping[int, Callable] | None = None) -> Callable:
+    """A ``fit`` step_fn ``(state, batch, rng) -> (state, metrics)`` that runs each step with its
+    stage's compiled step (from ``steps``, e.g. :func:`compile_stages`, or jitted on first use).
+
+    The step counter lives on the host (read from ``state.step`` once, at the first call), so
+    switching stages never waits for the device.
+    """
+    cache = dict(steps or {})
+    counter = [None]
+
+    def step_fn(state, batch, rng):
+        if counter[0] is None:
+            counter[0] = int(state.step)
+        k = plan.frozen_at(counter[0])
+        if k not in cache:
+            cache[k] = stage_step(k)
+        counter[0] += 1
+        return cache[k](state, batch, rng)
+
+    return step_fn
