@@ -11,6 +11,8 @@ import sys
 
 COMMANDS = {
     "train": ("mergejax.cli:train", "train one model from a TrainConfig preset or overrides"),
+    "average": ("mergejax.average_cli:main", "average checkpoints (streaming; --weights, --align, --recompute-bn)"),
+    "merge": ("mergejax.merge_cli:main", "merge two trained networks (concat, gates, compress, fine-tune)"),
 }
 
 

@@ -1,0 +1,152 @@
+"""Local SGD / FedAvg / DiLoCo rounds: K local steps per worker, then average the weights.
+
+One round, per worker ``i`` (run under a named axis: ``shard_map`` over real devices, or
+``vmap`` to simulate the workers on one device; same code)::
+
+    worker_i <- K x step_fn(worker_i, batch_{i,k})          # local steps, own optimizer state
+    delta    <- pmean_i(global - worker_i.params)           # outer pseudo-gradient
+    global   <- global + outer_tx.update(delta)             # optax: sgd(1.0) == plain averaging
+    worker_i <- (global, pmean(batch_stats), policy(opt_state_i))
+
+``outer_tx = optax.sgd(1.0)`` gives FedAvg / local SGD (the new global is the mean of the
+workers' weights); DiLoCo (Douillard et al. 2023) is ``optax.sgd(0.7, momentum=0.9,
+nesterov=True)`` with AdamW inside. The optimizer-state ``policy`` at each sync is explicit:
+``'keep'`` (each worker keeps its own state), ``'reset'`` (``tx.init`` of the new global) or
+``'average'`` (``pmean`` of the floating leaves of the workers' states).
+
+With K = 1, plain SGD, one shared start and equal shards, a round equals one step of
+synchronous gradient averaging (``theta - lr * mean_i g_i = mean_i(theta - lr g_i)``); it
+stops being equal for K > 1, Adam, per-worker clipping or different starting points.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from mergejax.train import TrainState, train_step
+
+Params = Any
+AXIS = "data"
+POLICIES = ("keep", "reset", "average")
+
+
+@flax.struct.dataclass
+class LocalSGDState:
+    """``params``: synchronised global weights; ``outer_opt_state``: ``outer_tx`` state;
+    ``workers``: :class:`TrainState` of every worker stacked on a leading axis ``(W, ...)``;
+    ``rounds``: int32 rounds done."""
+
+    params: Params
+    outer_opt_state: Any
+    workers: TrainState
+    rounds: jax.Array
+    outer_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def stack(trees) -> Any:
+    """List of identically structured trees -> one tree with a leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree, i: int) -> Any:
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def init(worker: TrainState | list[TrainState], num_workers: int, outer_tx: optax.GradientTransformation | None = None) -> LocalSGDState:
+    """Start ``num_workers`` workers from ``worker`` (one state, copied) or from a list of
+    states (e.g. different initialisations; the global weights are then their mean)."""
+    outer_tx = optax.sgd(1.0) if outer_tx is None else outer_tx
+    if isinstance(worker, (list, tuple)):
+        if len(worker) != num_workers:
+            raise ValueError(f"got {len(worker)} worker states for {num_workers} workers")
+        arrays = stack([w.arrays() for w in worker])  # static fields (apply_fn, tx) from the first
+        workers = worker[0].replace_arrays(arrays)
+        params = jax.tree.map(lambda x: x.mean(0).astype(x.dtype), workers.params)
+    else:
+        workers = stack([worker] * num_workers)
+        params = worker.params
+    return LocalSGDState(params, outer_tx.init(params), workers, jnp.zeros((), jnp.int32), outer_tx)
+
+
+def _pmean_float(tree, axis):
+    return jax.tree.map(lambda x: jax.lax.pmean(x, axis) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
+
+
+def worker_round(params, outer_opt_state, worker: TrainState, batches: dict, rng: jax.Array, *, outer_tx, policy: str = "keep",
+                 axis: str = AXIS, step_fn: Callable = train_step):
+    """One round for one worker, under the named ``axis``. ``batches``: this worker's ``K``
+    batches stacked ``{'image': (K, b, ...), 'label': (K, b)}``. ``rng`` is shared; it is
+    folded with the worker index and the local step. Returns ``(params, outer_opt_state,
+    worker, metrics)`` with ``params``/``outer_opt_state`` equal on every worker."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown optimizer-state policy {policy!r}; choose from {POLICIES}")
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
+    num_local = jax.tree.leaves(batches)[0].shape[0]
+
+    def body(w, xs):
+        batch, k = xs
+        return step_fn(w, batch, jax.random.fold_in(rng, k))
+
+    worker, metrics = jax.lax.scan(body, worker, (batches, jnp.arange(num_local)))
+    delta = jax.lax.pmean(jax.tree.map(lambda g, p: g - p, params, worker.params), axis)
+    updates, outer_opt_state = outer_tx.update(delta, outer_opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if policy == "reset":
+        opt_state = worker.tx.init(params)
+    elif policy == "average":
+        opt_state = _pmean_float(worker.opt_state, axis)
+    else:
+        opt_state = worker.opt_state
+    worker = worker.replace(params=params, batch_stats=_pmean_float(worker.batch_stats, axis), opt_state=opt_state)
+    metrics = {"loss": jax.lax.pmean(metrics["loss"].mean(), axis), "accuracy": jax.lax.pmean(metrics["accuracy"].mean(), axis),
+               "delta_norm": optax.global_norm(delta)}
+    return params, outer_opt_state, worker, metrics
+
+
+def make_round(num_workers: int, *, mesh: Mesh | None = None, policy: str = "keep", axis: str = AXIS,
+               step_fn: Callable = train_step):
+    """``round(state, batches, rng) -> (state, metrics)``, jitted. ``batches``: ``(W, K, b,
+    ...)`` per entry. With ``mesh`` (axis size ``W``) each worker runs on its own device
+    via ``shard_map``; without, the ``W`` workers are simulated with ``vmap`` on one device."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown optimizer-state policy {policy!r}; choose from {POLICIES}")
+
+    def round_fn(state: LocalSGDState, batches, rng):
+        fn = functools.partial(worker_round, outer_tx=state.outer_tx, policy=policy, axis=axis, step_fn=step_fn)
+        if mesh is None:
+            out = jax.vmap(fn, in_axes=(None, None, 0, 0, None), out_axes=(0, 0, 0, 0), axis_name=axis)(
+                state.params, state.outer_opt_state, state.workers, batches, rng)
+            params, outer, workers, metrics = out
+            params, outer, metrics = jax.tree.map(lambda x: x[0], (params, outer, metrics))
+        else:
+            if mesh.shape[axis] != num_workers:
+                raise ValueError(f"mesh axis {axis!r} has {mesh.shape[axis]} devices, need one per worker ({num_workers})")
+
+            def per_device(params, outer, workers, batches, rng):
+                sq = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
+                p, o, w, m = fn(params, outer, sq(workers), sq(batches), rng)
+                return p, o, jax.tree.map(lambda x: x[None], w), m
+
+            params, outer, workers, metrics = jax.shard_map(
+                per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P()), out_specs=(P(), P(), P(axis), P()),
+                check_vma=True)(state.params, state.outer_opt_state, state.workers, batches, rng)
+        new = state.replace(params=params, outer_opt_state=outer, workers=workers, rounds=state.rounds + 1)
+        return new, metrics
+
+    return jax.jit(round_fn)
+
+
+def worker_batches(stream, num_workers: int, num_local: int) -> dict:
+    """Take ``num_workers * num_local`` batches from ``stream`` (an iterator of numpy dicts)
+    and arrange them ``(W, K, b, ...)``: worker ``i`` gets batches ``i*K .. i*K+K-1``."""
+    got = [next(stream) for _ in range(num_workers * num_local)]
+    return {k: np.stack([b[k] for b in got]).reshape(num_workers, num_local, *got[0][k].shape) for k in got[0]}

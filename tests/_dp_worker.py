@@ -1,0 +1,158 @@
+"""Subprocess helper for tests/test_parallel.py (needs its own JAX device configuration).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_dp_worker.py mesh OUT.json
+    python tests/_dp_worker.py dist OUT.npz PORT PROCESS_ID      # one of 2 processes
+
+``mesh``: data-parallel step on 8 simulated devices vs single-device references; prints
+gaps as JSON. ``dist``: local SGD across 2 processes (``jax.distributed``), one worker per
+process; writes the final global params.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+
+def _gap(a, b):
+    return max([0.0] + [float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))])
+
+
+def _batch(n, seed=0, shape=(8, 8, 1)):
+    r = np.random.default_rng(seed)
+    return {"image": r.normal(size=(n, *shape)).astype(np.float32), "label": r.integers(0, 10, size=n).astype(np.int32)}
+
+
+def mesh_mode(out):
+    from mergejax import local_sgd, parallel
+    from mergejax.models import make_model
+    from mergejax.train import create_state, cross_entropy, train_step
+
+    n = jax.device_count()
+    assert n == 8, f"expected 8 simulated devices, got {n}"
+    mesh = parallel.data_mesh()
+    res = {"devices": n}
+    rng = jax.random.key(3)
+
+    # 1) No BatchNorm: equals one device on the whole batch. lr 1, no momentum: update == -grad.
+    model = make_model("mlp", 10, hidden=(32,))
+    s0 = create_state(model, jax.random.key(0), (1, 8, 8, 1), optax.sgd(1.0))
+    batch = _batch(64)
+    dp = parallel.make_dp_step(mesh)
+    s_dp, m_dp = dp(s0, parallel.shard(batch, mesh), rng)
+    s_1, m_1 = jax.jit(train_step)(s0, batch, rng)
+    g_dp = jax.tree.map(lambda a, b: a - b, s0.params, s_dp.params)
+    g_1 = jax.tree.map(lambda a, b: a - b, s0.params, s_1.params)
+    res["mlp_grad_ratio"] = float(optax.global_norm(g_dp) / optax.global_norm(g_1))
+    res["mlp_grad_gap"] = _gap(g_dp, g_1)
+    res["mlp_loss_gap"] = abs(float(m_dp["loss"]) - float(m_1["loss"]))
+    # Three momentum steps.
+    s0m = create_state(model, jax.random.key(0), (1, 8, 8, 1), optax.sgd(0.1, momentum=0.9))
+    a, b = s0m, s0m
+    for i in range(3):
+        bt = _batch(64, seed=10 + i)
+        a, _ = dp(a, parallel.shard(bt, mesh), rng)
+        b, _ = jax.jit(train_step)(b, bt, rng)
+    res["mlp_momentum_gap"] = _gap(a.params, b.params)
+
+    # 2) BatchNorm: equals one device running the 8 shards as ghost batches.
+    cnn = make_model("cnn", 10, channels=(8, 16, 16))
+    c0 = create_state(cnn, jax.random.key(1), (1, 8, 8, 1), optax.sgd(0.5))
+    batch = _batch(32, seed=5)
+    c_dp, _ = dp(c0, parallel.shard(batch, mesh), rng)
+    shards = parallel.split_batch(batch, n)
+
+    def ghost_loss(params):
+        def one(img, lab):
+            logits, bs = c0.apply_fn(params, c0.batch_stats, img, train=True)
+            return cross_entropy(logits, lab), bs
+        losses, stats = jax.vmap(one)(shards["image"], shards["label"])
+        return losses.mean(), jax.tree.map(lambda x: x.mean(0), stats)
+
+    (_, stats), grads = jax.value_and_grad(ghost_loss, has_aux=True)(c0.params)
+    upd, _ = c0.tx.update(grads, c0.opt_state, c0.params)
+    res["cnn_ghost_param_gap"] = _gap(c_dp.params, optax.apply_updates(c0.params, upd))
+    res["cnn_ghost_stats_gap"] = _gap(c_dp.batch_stats, stats)
+    # Negative control: the full-batch BN step is a different function.
+    c_full, _ = jax.jit(train_step)(c0, batch, rng)
+    res["cnn_fullbatch_gap"] = _gap(c_dp.params, c_full.params)
+
+    # 3) pmap agrees with shard_map.
+    pm = parallel.make_pmap_step()
+    for name, st, bt in (("mlp", s0, _batch(64)), ("cnn", c0, batch)):
+        p_out, _ = pm(parallel.replicate(st, n), parallel.split_batch(bt, n), rng)
+        d_out, _ = dp(st, parallel.shard(bt, mesh), rng)
+        res[f"pmap_{name}_gap"] = _gap(jax.tree.map(lambda x: x[0], p_out.params), d_out.params)
+        res[f"pmap_{name}_stats_gap"] = _gap(jax.tree.map(lambda x: x[0], p_out.batch_stats), d_out.batch_stats)
+
+    # 4) Local SGD: shard_map over 8 devices == vmap simulation on one.
+    st = local_sgd.init(create_state(cnn, jax.random.key(2), (1, 8, 8, 1), optax.sgd(0.1, momentum=0.9)), n)
+    r = np.random.default_rng(7)
+    lb = {"image": r.normal(size=(n, 2, 4, 8, 8, 1)).astype(np.float32), "label": r.integers(0, 10, size=(n, 2, 4)).astype(np.int32)}
+    a_state, _ = local_sgd.make_round(n, mesh=mesh, policy="average")(st, lb, rng)
+    b_state, _ = local_sgd.make_round(n, policy="average")(st, lb, rng)
+    res["local_sgd_mesh_vs_vmap_gap"] = _gap(a_state.params, b_state.params)
+    res["local_sgd_mesh_vs_vmap_stats_gap"] = _gap(a_state.workers.batch_stats, b_state.workers.batch_stats)
+    with open(out, "w") as f:
+        json.dump(res, f)
+    print(json.dumps(res))
+
+
+def dist_setup(seed=0):
+    """The shared problem of the 2-process test (also run single-process as the reference)."""
+    from mergejax.models import make_model
+    from mergejax.train import create_state
+
+    model = make_model("mlp", 10, hidden=(16,))
+    state = create_state(model, jax.random.key(seed), (1, 8, 8, 1), optax.sgd(0.1, momentum=0.9))
+    r = np.random.default_rng(seed)
+    rounds = [{"image": r.normal(size=(2, 3, 8, 8, 8, 1)).astype(np.float32),
+               "label": r.integers(0, 10, size=(2, 3, 8)).astype(np.int32)} for _ in range(3)]
+    return state, rounds
+
+
+def dist_mode(out, port, pid):
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mergejax import local_sgd, parallel
+
+    assert jax.device_count() == 2 and jax.local_device_count() == 1, (jax.device_count(), jax.local_device_count())
+    mesh = parallel.data_mesh()
+    state, rounds = dist_setup()
+    st = local_sgd.init(state, 2)
+
+    def globalise(tree, spec):
+        sh = NamedSharding(mesh, spec)
+        if spec == P():
+            return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), tree)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)[pid:pid + 1]), tree)
+
+    st = st.replace(params=globalise(st.params, P()), outer_opt_state=globalise(st.outer_opt_state, P()),
+                    rounds=globalise(st.rounds, P()), workers=globalise(st.workers, P("data")))
+    rnd = local_sgd.make_round(2, mesh=mesh, policy="keep")
+    rng = globalise(jax.random.key_data(jax.random.key(0)), P())
+    for r, b in enumerate(rounds):
+        st, _ = rnd(st, globalise(b, P("data")), jax.random.wrap_key_data(rng))
+    flat = {jax.tree_util.keystr(p): np.asarray(x.addressable_data(0)) for p, x in jax.tree_util.tree_flatten_with_path(st.params)[0]}
+    np.savez(out, **flat)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "mesh":
+        mesh_mode(sys.argv[2])
+    elif mode == "dist":
+        dist_mode(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
