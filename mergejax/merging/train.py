@@ -1,0 +1,124 @@
+"""Gate learning on the big student (step 2b): one optimizer with two parameter groups.
+
+The train state is an ordinary :class:`mergejax.train.TrainState` whose ``params`` are
+``{'model': big-student params, 'gates': {group: log_alpha (units,)}}`` and whose
+``apply_fn`` samples one hard-concrete gate per example per group in training (from the
+step's explicit rng) and uses the deterministic gates in evaluation, so ``fit`` and
+``evaluate`` work unchanged. Loss: L = cross-entropy + lambda(step) * sum_groups L_half.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mergejax.merging import gates as G
+from mergejax.train import TrainState, _accuracy, cross_entropy, make_optimizer
+from mergejax.units import UnitSpec
+
+__all__ = ["gate_optimizer", "gated_apply_fn", "create_gate_state", "gate_train_step", "split_params"]
+
+
+def gate_optimizer(
+    weight_lr: float | optax.Schedule = 0.1,
+    gate_lr: float | optax.Schedule = 0.2,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    gate_momentum: float = 0.9,
+) -> optax.GradientTransformation:
+    """optax.partition over ``{'model': ..., 'gates': ...}``: the weights get SGD (coupled
+    weight decay, momentum), the gate parameters SGD with momentum and no weight decay.
+    Defaults are the authors' CIFAR-100 ResNet-20 settings."""
+    return optax.partition(
+        {
+            "weights": make_optimizer("sgd", weight_lr, momentum=momentum, weight_decay=weight_decay),
+            "gates": make_optimizer("sgd", gate_lr, momentum=gate_momentum),
+        },
+        lambda params: {"model": jax.tree.map(lambda _: "weights", params["model"]),
+                        "gates": jax.tree.map(lambda _: "gates", params["gates"])},
+    )
+
+
+def gated_apply_fn(model: nn.Module, spec: UnitSpec) -> Callable:
+    """``apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None)`` for
+    ``params = {'model', 'gates'}``: per-example sampled gates in training (``rng`` needed,
+    split into gate and dropout keys), deterministic gates in evaluation."""
+
+    def apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None):
+        log_alphas = params["gates"]
+        if train:
+            if rng is None:
+                raise ValueError("gated training needs an explicit rng for the gate samples")
+            gate_rng, rng = jax.random.split(rng)
+            gates = G.sample_gates(gate_rng, log_alphas, x.shape[0])
+        else:
+            gates = G.deterministic_gates(log_alphas)
+        return G.gated_apply(model, params["model"], batch_stats, x, gates, spec, train=train, frozen=frozen, rng=rng)
+
+    return apply_fn
+
+
+def create_gate_state(
+    model: nn.Module,
+    spec: UnitSpec,
+    big_vars: Mapping[str, Any],
+    log_alphas: Mapping[str, jax.Array],
+    tx: optax.GradientTransformation,
+    *,
+    lr_fn: Callable | None = None,
+    augment_fn: Callable | None = None,
+) -> TrainState:
+    """A TrainState for gate learning from big-student variables ``{'params', 'batch_stats'}``."""
+    params = {"model": big_vars["params"], "gates": dict(log_alphas)}
+    return TrainState.create(apply_fn=gated_apply_fn(model, spec), params=params, batch_stats=big_vars["batch_stats"],
+                             tx=tx, lr_fn=lr_fn, augment_fn=augment_fn)
+
+
+def split_params(state: TrainState) -> tuple[dict, dict]:
+    """``(big_vars {'params', 'batch_stats'}, log_alphas)`` of a gate-learning state."""
+    return {"params": state.params["model"], "batch_stats": state.batch_stats}, state.params["gates"]
+
+
+def gate_train_step(state: TrainState, batch: dict, rng: jax.Array, *, lambda_fn: Callable) -> tuple[TrainState, dict]:
+    """One step on L = CE + lambda(step) * sum_groups L_half. Bind ``lambda_fn`` (a schedule
+    ``step -> lambda``, e.g. :func:`gates.lambda_schedule`) with functools.partial and jit.
+    Metrics (scalars): loss, ce, l_half, lambda, accuracy, grad_norm, lr, prob_open (mean)."""
+    aug_rng, model_rng = jax.random.split(rng)
+    images = batch["image"]
+    if state.augment_fn is not None:
+        images = state.augment_fn(aug_rng, images)
+    mask = batch.get("mask")
+    lam = lambda_fn(state.step)
+
+    def loss_fn(params):
+        logits, batch_stats = state.apply_fn(params, state.batch_stats, images, train=True, rng=model_rng)
+        ce = cross_entropy(logits, batch["label"], mask)
+        half = G.total_l_half(params["gates"])
+        return ce + lam * half, (logits, batch_stats, ce, half)
+
+    (loss, (logits, batch_stats, ce, half)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    probs = [G.prob_open(a) for a in params["gates"].values()]
+    metrics = {
+        "loss": loss,
+        "ce": ce,
+        "l_half": half,
+        "lambda": jnp.asarray(lam, jnp.float32),
+        "accuracy": _accuracy(logits, batch["label"], mask),
+        "grad_norm": optax.global_norm(grads),
+        "lr": state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan,
+        "prob_open": jnp.mean(jnp.concatenate(probs)),
+    }
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+
+
+def jit_gate_step(lambda_fn: Callable) -> Callable:
+    """``jax.jit(partial(gate_train_step, lambda_fn=lambda_fn), donate_argnums=0)``, for ``fit``."""
+    return jax.jit(functools.partial(gate_train_step, lambda_fn=lambda_fn), donate_argnums=0)

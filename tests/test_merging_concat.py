@@ -1,0 +1,98 @@
+"""concat(teacher_a, teacher_b) is the width-2 model whose logits are the teachers' mean."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from mergejax.merging.concat import concat, concat_spec
+from mergejax.models import apply_model, init_variables, make_model
+from mergejax.units import check_spec, unit_spec, variables_of
+
+CASES = [
+    ("mlp", {}, (4, 8, 8, 1)),
+    ("cnn", {}, (4, 8, 8, 1)),
+    ("resnet20", {}, (4, 16, 16, 3)),
+    ("wrn", dict(depth=10, widen=2), (4, 16, 16, 3)),
+    ("vgg11", dict(width=0.25), (4, 32, 32, 3)),
+]
+
+
+def teacher(name, kw, shape, seed):
+    model = make_model(name, 10, **kw)
+    params, stats = init_variables(model, jax.random.key(seed), shape)
+    # Distinct, non-trivial running statistics and BN affine parameters per teacher.
+    k = jax.random.key(100 + seed)
+    stats = jax.tree.map(lambda x: x + jax.random.uniform(k, x.shape), stats)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.3 * jax.random.normal(jax.random.fold_in(k, len(str(p))), x.shape)
+        if str(p[-1].key) in ("scale", "bias") else x, params)
+    return model, variables_of(params, stats)
+
+
+def big_model(name, kw):
+    return make_model(name, 10, **{**kw, "width": kw.get("width", 1.0) * 2})
+
+
+@pytest.mark.parametrize("name,kw,shape", CASES, ids=[c[0] for c in CASES])
+def test_big_student_is_width2_model_and_mean_of_teachers(name, kw, shape):
+    model, va = teacher(name, kw, shape, 0)
+    _, vb = teacher(name, kw, shape, 1)
+    spec = unit_spec(model, va)
+    big = concat(va, vb, spec)
+    bmodel = big_model(name, kw)
+    ref = jax.eval_shape(lambda k: variables_of(*init_variables(bmodel, k, shape)), jax.random.key(0))
+    assert jax.tree.map(jnp.shape, big) == jax.tree.map(jnp.shape, ref)
+    check_spec(concat_spec(spec), big)
+    assert unit_spec(bmodel, big).groups == concat_spec(spec).groups
+    x = jax.random.normal(jax.random.key(7), shape)
+    for train in (False, True):
+        la, sa = apply_model(model, va["params"], va["batch_stats"], x, train=train)
+        lb, sb = apply_model(model, vb["params"], vb["batch_stats"], x, train=train)
+        lbig, sbig = apply_model(bmodel, big["params"], big["batch_stats"], x, train=train)
+        np.testing.assert_allclose(lbig, (la + lb) / 2, atol=2e-5, rtol=1e-4)
+        # Updated running statistics are the concatenation of the teachers' updates.
+        expect = concat(variables_of(va["params"], sa), variables_of(vb["params"], sb), spec)["batch_stats"]
+        jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, atol=1e-5, rtol=1e-5), sbig, expect)
+    # Not vacuous: the teachers disagree.
+    assert float(jnp.abs(la - lb).max()) > 1e-3
+
+
+def test_mlp_leaves_against_numpy_block_matrices():
+    model, va = teacher("mlp", {}, (2, 8, 8, 1), 0)
+    _, vb = teacher("mlp", {}, (2, 8, 8, 1), 1)
+    big = concat(va, vb, unit_spec(model, va))
+    A, B, Bg = va["params"], vb["params"], big["params"]
+    np.testing.assert_array_equal(Bg["dense0"]["Dense_0"]["kernel"],
+                                  np.hstack([A["dense0"]["Dense_0"]["kernel"], B["dense0"]["Dense_0"]["kernel"]]))
+    np.testing.assert_array_equal(Bg["dense1"]["Dense_0"]["kernel"],
+                                  scipy.linalg.block_diag(A["dense1"]["Dense_0"]["kernel"], B["dense1"]["Dense_0"]["kernel"]))
+    np.testing.assert_array_equal(Bg["dense1"]["Dense_0"]["bias"],
+                                  np.concatenate([A["dense1"]["Dense_0"]["bias"], B["dense1"]["Dense_0"]["bias"]]))
+    np.testing.assert_allclose(Bg["head"]["Dense_0"]["kernel"],
+                               np.vstack([A["head"]["Dense_0"]["kernel"], B["head"]["Dense_0"]["kernel"]]) / 2)
+    np.testing.assert_allclose(Bg["head"]["Dense_0"]["bias"],
+                               (A["head"]["Dense_0"]["bias"] + B["head"]["Dense_0"]["bias"]) / 2)
+
+
+def test_resnet_cross_blocks_zero_and_bn_concatenated():
+    model, va = teacher("resnet20", {}, (1, 16, 16, 3), 0)
+    _, vb = teacher("resnet20", {}, (1, 16, 16, 3), 1)
+    big = concat(va, vb, unit_spec(model, va))
+    k = big["params"]["stage2_block0"]["proj_conv"]["kernel"]  # (1, 1, 32, 64): stage1 -> stage2
+    assert k.shape == (1, 1, 32, 64)
+    np.testing.assert_array_equal(k[..., :16, 32:], 0)
+    np.testing.assert_array_equal(k[..., 16:, :32], 0)
+    np.testing.assert_array_equal(k[..., 16:, 32:], vb["params"]["stage2_block0"]["proj_conv"]["kernel"])
+    m = big["batch_stats"]["stage2_block0"]["proj_bn"]["mean"]
+    np.testing.assert_array_equal(m, np.concatenate([va["batch_stats"]["stage2_block0"]["proj_bn"]["mean"],
+                                                     vb["batch_stats"]["stage2_block0"]["proj_bn"]["mean"]]))
+
+
+def test_concat_names_mismatched_leaf():
+    model, va = teacher("mlp", {}, (1, 8, 8, 1), 0)
+    small = make_model("mlp", 10, hidden=(128, 64))
+    p, s = init_variables(small, jax.random.key(1), (1, 8, 8, 1))
+    with pytest.raises(ValueError, match="dense1"):
+        concat(va, variables_of(p, s), unit_spec(model, va))
