@@ -29,7 +29,7 @@ import optax  # noqa: E402
 
 from mergejax import averaging, local_sgd, rebasin, report, soups  # noqa: E402
 from mergejax import data as data_lib  # noqa: E402
-from mergejax.config import experiment_args, to_dict  # noqa: E402
+from mergejax.config import experiment_main, to_dict  # noqa: E402
 from mergejax.models import init_variables, make_model  # noqa: E402
 from mergejax.train import create_state, eval_step, evaluate, train_step  # noqa: E402
 from mergejax.units import take_units, unit_spec, variables_of  # noqa: E402
@@ -307,17 +307,12 @@ def run(config: AveragingConfig, out_dir: str, progress: bool = True) -> dict:
     results = {"experiment": NAME, "config": to_dict(config), "divergence": div, "interpolation": pairs, "soups": soup,
                "two_process": dist, "device_kind": jax.devices()[0].device_kind, "wall_time_s": time.perf_counter() - t0,
                "plots": [os.path.basename(p1), os.path.basename(p2)]}
-    report.write_json(os.path.join(out_dir, "results.json"), results)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
+    report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": [p1, p2]}
 
 
 def main(argv=None):
-    config, out_dir, progress, _ = experiment_args(argv, PRESETS, NAME, __doc__)
-    out = run(config, out_dir, progress)
-    print(out["table"])
-    print(f"wrote {out_dir}/results.json")
+    experiment_main(argv, PRESETS, NAME, __doc__, run)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from mergejax import data as data_lib  # noqa: E402
 from mergejax import freezeout as fo  # noqa: E402
 from mergejax import report  # noqa: E402
-from mergejax.config import TrainConfig, experiment_args, to_dict  # noqa: E402
+from mergejax.config import TrainConfig, experiment_main, to_dict  # noqa: E402
 from mergejax.models import init_variables, make_model  # noqa: E402
 from mergejax.run import num_steps  # noqa: E402
 from mergejax.train import create_state, evaluate, fit, make_optimizer  # noqa: E402
@@ -182,9 +182,7 @@ def run(config: FreezeOutConfig, out_dir: str, progress: bool = True) -> dict:
     results = {"experiment": NAME, "config": to_dict(config), "device_kind": device, "rows": rows, "runs": runs,
                "stage_costs": stage_costs, "total_steps": runner.total,
                "plots": [os.path.basename(plot)]}
-    report.write_json(os.path.join(out_dir, "results.json"), results)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
+    report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": [plot]}
 
 
@@ -224,10 +222,7 @@ def _plot(path: str, runs: list[dict], cfg: TrainConfig) -> str:
 
 
 def main(argv=None):
-    config, out_dir, progress, _ = experiment_args(argv, PRESETS, NAME, __doc__)
-    out = run(config, out_dir, progress)
-    print(out["table"])
-    print(f"wrote {out_dir}/results.json")
+    experiment_main(argv, PRESETS, NAME, __doc__, run)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from mergejax import data as data_lib  # noqa: E402
 from mergejax import report  # noqa: E402
-from mergejax.config import TrainConfig, experiment_args, to_dict  # noqa: E402
+from mergejax.config import TrainConfig, experiment_main, to_dict  # noqa: E402
 from mergejax.merging.pipeline import MergeConfig, big_model_kwargs, evaluate_vars, merge, paper_config, shrink, tiny_config  # noqa: E402
 from mergejax.models import make_model  # noqa: E402
 from mergejax.run import setup, train_and_evaluate  # noqa: E402
@@ -222,17 +222,12 @@ def run(config: MergeExperiment, out_dir: str, progress: bool = True) -> dict:
         "experiment": NAME, "config": to_dict(config), "summary": summary, "gate_binariness": binar,
         "runs": runs, "device_kind": jax.devices()[0].device_kind, "plots": [os.path.basename(p) for p in plots],
     }
-    report.write_json(os.path.join(out_dir, "results.json"), results)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
+    report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": plots}
 
 
 def main(argv=None):
-    config, out_dir, progress, _ = experiment_args(argv, PRESETS, NAME, __doc__)
-    out = run(config, out_dir, progress)
-    print(out["table"])
-    print(f"wrote {out_dir}/results.json")
+    experiment_main(argv, PRESETS, NAME, __doc__, run)
 
 
 if __name__ == "__main__":

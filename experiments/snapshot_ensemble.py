@@ -30,7 +30,7 @@ import optax  # noqa: E402
 
 from mergejax import data as data_lib  # noqa: E402
 from mergejax import report, schedules  # noqa: E402
-from mergejax.config import TrainConfig, experiment_args, to_dict  # noqa: E402
+from mergejax.config import TrainConfig, experiment_main, to_dict  # noqa: E402
 from mergejax.models import make_model  # noqa: E402
 from mergejax.run import num_steps  # noqa: E402
 from mergejax.snapshot import SnapshotCollector, ensemble_sums, evaluate_ensemble, stack_trees  # noqa: E402
@@ -245,9 +245,7 @@ def run(config: SnapshotConfig, out_dir: str, progress: bool = True) -> dict:
         "snapshot_boundaries": list(schedules.snapshot_boundaries(total, M)),
         "wall_time_s": wall, "device_kind": jax.devices()[0].device_kind, "plots": [os.path.basename(p) for p in plots],
     }
-    report.write_json(os.path.join(out_dir, "results.json"), results)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
+    report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": plots}
 
 
@@ -320,10 +318,7 @@ def _plot_error_vs_m(summary, path):
 
 
 def main(argv=None):
-    config, out_dir, progress, _ = experiment_args(argv, PRESETS, NAME, __doc__)
-    out = run(config, out_dir, progress)
-    print(out["table"])
-    print(f"wrote {out_dir}/results.json")
+    experiment_main(argv, PRESETS, NAME, __doc__, run)
 
 
 if __name__ == "__main__":

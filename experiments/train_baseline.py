@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mergejax import report  # noqa: E402
-from mergejax.config import TrainConfig, experiment_args, to_dict  # noqa: E402
+from mergejax.config import TrainConfig, experiment_main, to_dict  # noqa: E402
 from mergejax.run import train_and_evaluate  # noqa: E402
 
 NAME = "train_baseline"
@@ -69,17 +69,12 @@ def run(config: BaselineConfig, out_dir: str, progress: bool = True) -> dict:
         "device_kind": runs[0]["device_kind"],
         "plots": [os.path.basename(plot)],
     }
-    report.write_json(os.path.join(out_dir, "results.json"), results)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table)
+    report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": [plot]}
 
 
 def main(argv=None):
-    config, out_dir, progress, _ = experiment_args(argv, PRESETS, NAME, __doc__)
-    out = run(config, out_dir, progress)
-    print(out["table"])
-    print(f"wrote {out_dir}/results.json")
+    experiment_main(argv, PRESETS, NAME, __doc__, run)
 
 
 if __name__ == "__main__":

@@ -117,3 +117,12 @@ def experiment_args(argv: Sequence[str] | None, presets: Mapping[str, Callable[[
     args = parser.parse_args(argv)
     config = override(choose_preset(presets, args.preset), args.overrides)
     return config, args.out or f"results/{name}", not args.quiet, args.preset
+
+
+def experiment_main(argv: Sequence[str] | None, presets: Mapping[str, Callable[[], Any]], name: str, doc: str, run: Callable) -> dict:
+    """The whole ``main()`` of an experiment script: parse, ``run(config, out_dir, progress)``, print the table."""
+    config, out_dir, progress, _ = experiment_args(argv, presets, name, doc)
+    out = run(config, out_dir, progress)
+    print(out["table"])
+    print(f"wrote {out_dir}/results.json")
+    return out

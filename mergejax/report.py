@@ -22,6 +22,15 @@ def write_json(path: str, obj: Any) -> str:
     return path
 
 
+def write_outputs(out_dir: str, results: dict, table: str) -> None:
+    """An experiment's two text outputs: ``out_dir/results.json`` and ``out_dir/table.md``."""
+    write_json(os.path.join(out_dir, "results.json"), results)
+    tmp = os.path.join(out_dir, f"table.md.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(table)
+    os.replace(tmp, os.path.join(out_dir, "table.md"))
+
+
 def _jsonable(x):
     if isinstance(x, (np.generic,)):
         return x.item()

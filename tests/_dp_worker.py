@@ -3,8 +3,8 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_dp_worker.py mesh OUT.json
     python tests/_dp_worker.py dist OUT.npz PORT PROCESS_ID      # one of 2 processes
 
-``mesh``: data-parallel step on 8 simulated devices vs single-device references; prints
-gaps as JSON. ``dist``: local SGD across 2 processes (``jax.distributed``), one worker per
+``mesh``: data-parallel step on 8 simulated devices vs single-device references (MLP,
+ghost-batch BN, synchronised BN, pmap, local SGD); prints gaps as JSON. ``dist``: local SGD across 2 processes (``jax.distributed``), one worker per
 process; writes the final global params.
 """
 
@@ -84,6 +84,32 @@ def mesh_mode(out):
     # Negative control: the full-batch BN step is a different function.
     c_full, _ = jax.jit(train_step)(c0, batch, rng)
     res["cnn_fullbatch_gap"] = _gap(c_dp.params, c_full.params)
+
+    # 2b) Synchronised BatchNorm (bn_axis_name='data'): the DP step equals one device running
+    # the same model without the axis name (c0, already compiled above) on the whole batch.
+    sync = cnn.clone(bn_axis_name="data")
+    y0 = create_state(sync, jax.random.key(1), (1, 8, 8, 1), optax.sgd(0.5))
+    res["sync_same_tree"] = jax.tree.structure((y0.params, y0.batch_stats)) == jax.tree.structure((c0.params, c0.batch_stats))
+    res["sync_init_gap"] = _gap(y0.params, c0.params) + _gap(y0.batch_stats, c0.batch_stats)
+    y, z = y0.replace(tx=c0.tx), c0  # same optimizer object: the reference step reuses its compilation
+    for k in ("param_gap", "stats_gap", "loss_gap", "param_scale"):
+        res[f"sync_{k}"] = []
+    for i in range(3):
+        bt = _batch(32, seed=20 + i)
+        y, my = dp(y, parallel.shard(bt, mesh), rng)
+        z, mz = jax.jit(train_step)(z, bt, rng)
+        res["sync_param_gap"].append(_gap(y.params, z.params))
+        res["sync_stats_gap"].append(_gap(y.batch_stats, z.batch_stats))
+        res["sync_loss_gap"].append(abs(float(my["loss"]) - float(mz["loss"])))
+        res["sync_param_scale"].append(max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(z.params)))
+    res["sync_moved"] = _gap(z.params, c0.params)
+    res["sync_stats_moved"] = _gap(z.batch_stats, c0.batch_stats)
+    # pmap (no check_vma; psum transposes to psum) gives the same step.
+    bt = _batch(32, seed=20)
+    p_out, _ = parallel.make_pmap_step()(parallel.replicate(y0, n), parallel.split_batch(bt, n), rng)
+    y1, _ = dp(y0, parallel.shard(bt, mesh), rng)
+    res["sync_pmap_gap"] = _gap(jax.tree.map(lambda x: x[0], p_out.params), y1.params)
+    res["sync_pmap_stats_gap"] = _gap(jax.tree.map(lambda x: x[0], p_out.batch_stats), y1.batch_stats)
 
     # 3) pmap agrees with shard_map.
     pm = parallel.make_pmap_step()

@@ -24,9 +24,12 @@ def scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str | None = None, axis_name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm over (B, H, W) per channel. ``axis_name``: a named (mesh/pmap) axis over
+    which the training batch moments are averaged (synchronised BN: the statistics of the
+    global batch); ``None`` (default) uses this device's batch only."""
     # momentum 0.9 == PyTorch's momentum=0.1; eps as in PyTorch.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name, name=name)
 
 
 def run_layers(layers: Sequence[Callable], x: jax.Array, train: bool, frozen: int) -> jax.Array:
@@ -47,11 +50,12 @@ class Head(nn.Module):
 
     num_classes: int
     pre_norm: bool = False
+    bn_axis_name: str | None = None  # synchronised BN over this named axis (see batch_norm)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.pre_norm:
-            x = nn.relu(batch_norm(train)(x))
+            x = nn.relu(batch_norm(train, axis_name=self.bn_axis_name)(x))
         if x.ndim == 4:
             x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes)(x)

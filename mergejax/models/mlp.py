@@ -26,6 +26,7 @@ class MLP(nn.Module):
     num_classes: int
     hidden: Sequence[int] = (128, 128)
     width: float = 1.0
+    bn_axis_name: str | None = None  # no BatchNorm here; accepted so every model has the same fields
 
     def layer_names(self) -> tuple[str, ...]:
         return tuple(f"dense{i}" for i in range(len(self.hidden))) + ("head",)
@@ -34,7 +35,7 @@ class MLP(nn.Module):
     def __call__(self, x, train: bool = False, frozen: int = 0):
         x = x.reshape(x.shape[0], -1)
         layers = [DenseReLU(scaled(h, self.width), name=f"dense{i}") for i, h in enumerate(self.hidden)]
-        return run_layers(layers + [Head(self.num_classes, name="head")], x, train, frozen)
+        return run_layers(layers + [Head(self.num_classes, bn_axis_name=self.bn_axis_name, name="head")], x, train, frozen)
 
 
 class ConvBNReLU(nn.Module):
@@ -43,28 +44,34 @@ class ConvBNReLU(nn.Module):
     features: int
     strides: int = 1
     pool: bool = False
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Conv(self.features, (3, 3), self.strides, padding=1, use_bias=False, kernel_init=conv_init, name="conv")(x)
-        x = nn.relu(batch_norm(train, name="bn")(x))
+        x = nn.relu(batch_norm(train, name="bn", axis_name=self.bn_axis_name)(x))
         return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
 
 
 class SmallCNN(nn.Module):
     """CNN for 8x8 digits or 28x28 MNIST: conv0 (32), conv1 (64, then 2x2 max-pool),
-    conv2 (128), head (global average pool + Dense). Input (B, H, W, C)."""
+    conv2 (128), head (global average pool + Dense). Input (B, H, W, C).
+
+    ``bn_axis_name``: synchronised BatchNorm over that named axis (e.g. the ``data`` mesh
+    axis of :func:`mergejax.parallel.make_dp_step`); ``None``: per-device batch statistics."""
 
     num_classes: int
     channels: Sequence[int] = (32, 64, 128)
     width: float = 1.0
+    bn_axis_name: str | None = None
 
     def layer_names(self) -> tuple[str, ...]:
         return tuple(f"conv{i}" for i in range(len(self.channels))) + ("head",)
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
+        ax = self.bn_axis_name
         layers = [
-            ConvBNReLU(scaled(c, self.width), pool=(i == 1), name=f"conv{i}") for i, c in enumerate(self.channels)
+            ConvBNReLU(scaled(c, self.width), pool=(i == 1), bn_axis_name=ax, name=f"conv{i}") for i, c in enumerate(self.channels)
         ]
-        return run_layers(layers + [Head(self.num_classes, name="head")], x, train, frozen)
+        return run_layers(layers + [Head(self.num_classes, bn_axis_name=self.bn_axis_name, name="head")], x, train, frozen)

@@ -19,13 +19,15 @@ class BasicBlock(nn.Module):
 
     features: int
     strides: int = 1
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        y = nn.relu(batch_norm(train, name="bn1")(_conv(self.features, 3, self.strides, "conv1")(x)))
-        y = batch_norm(train, name="bn2")(_conv(self.features, 3, 1, "conv2")(y))
+        ax = self.bn_axis_name
+        y = nn.relu(batch_norm(train, name="bn1", axis_name=ax)(_conv(self.features, 3, self.strides, "conv1")(x)))
+        y = batch_norm(train, name="bn2", axis_name=ax)(_conv(self.features, 3, 1, "conv2")(y))
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = batch_norm(train, name="proj_bn")(_conv(self.features, 1, self.strides, "proj_conv")(x))
+            x = batch_norm(train, name="proj_bn", axis_name=ax)(_conv(self.features, 1, self.strides, "proj_conv")(x))
         return nn.relu(x + y)
 
 
@@ -39,11 +41,13 @@ class ResNet(nn.Module):
     channels (x ``width``), ``head`` (global average pool + Dense).
 
     depth 20/32/44/56/110 -> n = 3/5/7/9/18. Input (B, 32, 32, 3) -> (B, num_classes).
+    ``bn_axis_name``: synchronised BatchNorm over that named axis (None: per-device).
     """
 
     num_classes: int
     depth: int = 20
     width: float = 1.0
+    bn_axis_name: str | None = None
 
     def _plan(self):
         if (self.depth - 2) % 6:
@@ -55,9 +59,10 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
-        layers = [ConvBNReLU(scaled(16, self.width), name="stem")]
-        layers += [BasicBlock(f, s, name=name) for name, f, s in self._plan()]
-        return run_layers(layers + [Head(self.num_classes, name="head")], x, train, frozen)
+        ax = self.bn_axis_name
+        layers = [ConvBNReLU(scaled(16, self.width), bn_axis_name=ax, name="stem")]
+        layers += [BasicBlock(f, s, bn_axis_name=ax, name=name) for name, f, s in self._plan()]
+        return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, name="head")], x, train, frozen)
 
 
 class WideBlock(nn.Module):
@@ -67,12 +72,13 @@ class WideBlock(nn.Module):
     features: int
     strides: int = 1
     dropout: float = 0.0
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        a = nn.relu(batch_norm(train, name="bn1")(x))
+        a = nn.relu(batch_norm(train, name="bn1", axis_name=self.bn_axis_name)(x))
         y = _conv(self.features, 3, self.strides, "conv1")(a)
-        y = nn.relu(batch_norm(train, name="bn2")(y))
+        y = nn.relu(batch_norm(train, name="bn2", axis_name=self.bn_axis_name)(y))
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = _conv(self.features, 3, 1, "conv2")(y)
         if self.strides != 1 or x.shape[-1] != self.features:
@@ -84,7 +90,8 @@ class WideResNet(nn.Module):
     """WRN-depth-k: ``stem`` conv 16, 3 stages of (depth-4)/6 pre-activation blocks with
     16k/32k/64k channels, ``head`` (BN-ReLU, pool, Dense). WRN-28-10 has ~36.5M params.
 
-    ``dropout`` > 0 needs a ``'dropout'`` rng in training.
+    ``dropout`` > 0 needs a ``'dropout'`` rng in training. ``bn_axis_name``: synchronised
+    BatchNorm over that named axis (None: per-device).
     """
 
     num_classes: int
@@ -92,6 +99,7 @@ class WideResNet(nn.Module):
     widen: int = 10
     dropout: float = 0.0
     width: float = 1.0
+    bn_axis_name: str | None = None
 
     def _plan(self):
         if (self.depth - 4) % 6:
@@ -105,8 +113,9 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
         layers = [_Stem(scaled(16, self.width), name="stem")]
-        layers += [WideBlock(f, s, self.dropout, name=name) for name, f, s in self._plan()]
-        return run_layers(layers + [Head(self.num_classes, pre_norm=True, name="head")], x, train, frozen)
+        ax = self.bn_axis_name
+        layers += [WideBlock(f, s, self.dropout, bn_axis_name=ax, name=name) for name, f, s in self._plan()]
+        return run_layers(layers + [Head(self.num_classes, pre_norm=True, bn_axis_name=ax, name="head")], x, train, frozen)
 
 
 class _Stem(nn.Module):

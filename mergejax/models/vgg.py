@@ -20,11 +20,13 @@ class VGG(nn.Module):
     """Layers ``conv0``..``conv{k-1}`` (conv3x3-BN-ReLU, max-pool where the config says),
     then ``head`` (global average pool + Dense). On 32x32 input the last pool leaves 1x1,
     so the head is the usual CIFAR ``Linear(512, num_classes)``. VGG-16: ~14.7M params.
+    ``bn_axis_name``: synchronised BatchNorm over that named axis (None: per-device).
     """
 
     num_classes: int
     depth: int = 16
     width: float = 1.0
+    bn_axis_name: str | None = None
 
     def _plan(self):
         if self.depth not in CONFIGS:
@@ -37,5 +39,8 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
-        layers = [ConvBNReLU(scaled(c, self.width), pool=p, name=f"conv{i}") for i, (c, p) in enumerate(self._plan())]
-        return run_layers(layers + [Head(self.num_classes, name="head")], x, train, frozen)
+        ax = self.bn_axis_name
+        layers = [
+            ConvBNReLU(scaled(c, self.width), pool=p, bn_axis_name=ax, name=f"conv{i}") for i, (c, p) in enumerate(self._plan())
+        ]
+        return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, name="head")], x, train, frozen)
