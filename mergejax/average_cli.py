@@ -207,13 +207,7 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
         summary["wall_time_s"] = time.perf_counter() - t0
         with open(os.path.join(tmp, "average.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        if os.path.exists(out):
-            old = f"{out}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        ckpt_lib.replace_dir(tmp, out)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

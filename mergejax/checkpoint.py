@@ -25,6 +25,13 @@ def save(path: str, tree: Any, *, overwrite: bool = False) -> str:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp, tree)
         ckptr.wait_until_finished()
+    replace_dir(tmp, path)
+    return path
+
+
+def replace_dir(tmp: str, path: str) -> None:
+    """Move the finished directory ``tmp`` to ``path``; an existing ``path`` is removed
+    only after the new one is in place."""
     if os.path.exists(path):
         old = f"{path}.old-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
@@ -32,7 +39,6 @@ def save(path: str, tree: Any, *, overwrite: bool = False) -> str:
         shutil.rmtree(old)
     else:
         os.rename(tmp, path)
-    return path
 
 
 def load(path: str, target: Any | None = None) -> Any:

@@ -152,6 +152,11 @@ def eval_step(state: TrainState, batch: dict) -> dict:
     return eval_sums(logits, batch["label"], batch.get("mask"))
 
 
+# One jitted eval step for the process: its cache is keyed by the state's structure and
+# static functions, so repeated ``evaluate`` calls on the same model do not recompile.
+_jitted_eval_step = jax.jit(eval_step)
+
+
 def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> dict:
     mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -161,7 +166,7 @@ def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> d
 
 def evaluate(state: TrainState, split: data_lib.Split, batch_size: int = 500, step_fn: Callable | None = None) -> dict:
     """Test loss (nats) and accuracy over every example of ``split`` exactly once."""
-    step_fn = step_fn or jax.jit(eval_step)
+    step_fn = step_fn or _jitted_eval_step
     totals = None
     for batch in data_lib.batches(split, min(batch_size, len(split)), seed=0, shuffle=False, remainder="pad", epochs=1):
         sums = step_fn(state, batch)
@@ -253,7 +258,7 @@ def fit(
     eval_every = eval_every or per_epoch
     checkpoint_every = checkpoint_every or per_epoch
     step_fn = step_fn or jax.jit(train_step, donate_argnums=0)
-    eval_fn = jax.jit(eval_step)
+    eval_fn = _jitted_eval_step
     manager = None
     log_file = None
     start = 0
