@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 
 from mergejax import data, report  # noqa: E402
 from mergejax.models import make_model  # noqa: E402
-from mergejax.train import create_state, fit, make_optimizer, train_step  # noqa: E402
+from mergejax.train import create_state, fit, make_optimizer, step_rng, train_step  # noqa: E402
 
 
 def _copy(state):
@@ -36,11 +36,11 @@ def _copy(state):
 
 
 def _bare_loop(state, split, step, num_steps, batch_size, seed):
-    """The minimum a training loop does: next batch, step, repeat; one sync at the end."""
+    """The minimum a training loop does: next batch, step rng, step, repeat; one sync at the end."""
     rng = jax.random.key(seed)
     stream = data.batches(split, batch_size, seed=seed)
     for i in range(num_steps):
-        state, _ = step(state, next(stream), jax.random.fold_in(rng, i))
+        state, _ = step(state, next(stream), step_rng(rng, i))
     return jax.block_until_ready(state)
 
 
@@ -49,8 +49,8 @@ def _fit(state, split, step, num_steps, batch_size, seed):
     return jax.block_until_ready(state)
 
 
-def bench(name, split, batch_size, steps, fit_steps, repeats, seed=0):
-    model = make_model(name, split.num_classes)
+def bench(name, split, batch_size, steps, fit_steps, repeats, seed=0, **model_kwargs):
+    model = make_model(name, split.num_classes, **model_kwargs)
     tx = make_optimizer("sgd", 0.05, momentum=0.9, weight_decay=5e-4)
     state = create_state(model, jax.random.key(seed), (1, *split.images.shape[1:]), tx)
     step = jax.jit(train_step, donate_argnums=0)
@@ -66,7 +66,7 @@ def bench(name, split, batch_size, steps, fit_steps, repeats, seed=0):
     jax.block_until_ready(s)
     t0 = time.perf_counter()
     for i in range(steps):
-        s, _ = step(s, batch, jax.random.fold_in(rng, i))
+        s, _ = step(s, batch, step_rng(rng, i))
     jax.block_until_ready(s)
     step_s = (time.perf_counter() - t0) / steps
 
@@ -106,7 +106,9 @@ def random_split(n, shape, num_classes, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="cnn,resnet20", help="comma-separated: cnn (digits 8x8x1), resnet20 (random 32x32x3)")
+    p.add_argument("--models", default="mlp,cnn,resnet20",
+                   help="comma-separated: mlp (digits, one hidden layer of 64: a step of ~0.1 ms, the worst case for loop "
+                        "overhead), cnn (digits 8x8x1), resnet20 (random 32x32x3)")
     p.add_argument("--cnn-batch", type=int, default=64)
     p.add_argument("--resnet-batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=0, help="timed steps of the compiled step (default: 200 cnn, 5 resnet20)")
@@ -117,13 +119,16 @@ def main(argv=None):
 
     rows = []
     for name in args.models.split(","):
-        if name == "cnn":
+        kwargs = {}
+        if name == "mlp":
+            split, bs, steps, fit_steps, kwargs = data.load("digits", "train"), args.cnn_batch, 1000, 1000, {"hidden": (64,)}
+        elif name == "cnn":
             split, bs, steps, fit_steps = data.load("digits", "train"), args.cnn_batch, 200, 200
         elif name.startswith("resnet"):
-            split, bs, steps, fit_steps = random_split(4 * args.resnet_batch, (32, 32, 3), 10), args.resnet_batch, 5, 3
+            split, bs, steps, fit_steps = random_split(4 * args.resnet_batch, (32, 32, 3), 10), args.resnet_batch, 5, 5
         else:
-            raise SystemExit(f"unknown benchmark model {name!r}; available: cnn, resnet20 (or another resnet depth)")
-        row = bench(name, split, bs, args.steps or steps, args.fit_steps or fit_steps, args.repeats)
+            raise SystemExit(f"unknown benchmark model {name!r}; available: mlp, cnn, resnet20 (or another resnet depth)")
+        row = bench(name, split, bs, args.steps or steps, args.fit_steps or fit_steps, args.repeats, **kwargs)
         print(f"{name}: {row['steps/s']:.2f} steps/s, fit/bare {row['fit/bare']:.3f}", flush=True)
         rows.append(row)
 

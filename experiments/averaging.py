@@ -79,7 +79,14 @@ def paper() -> AveragingConfig:
                            soup_pretrain_steps=3000, soup_finetune_steps=1000, seeds=(0, 1, 2))
 
 
-PRESETS = {"tiny": tiny, "paper": paper}
+def smoke() -> AveragingConfig:
+    """Seconds: checks the pipeline end to end (CI), not the method; no second process."""
+    return AveragingConfig(seeds=(0,), hidden=(16,), workers=2, worker_batch=8, total_steps=8, ks=(1, 4), pair_hidden=(32,),
+                           pair_steps=30, interp_points=3, soup_pretrain_steps=20, soup_finetune_steps=10,
+                           soup_lrs=(0.01, 0.1), two_process=False)
+
+
+PRESETS = {"tiny": tiny, "paper": paper, "smoke": smoke}
 
 
 def _subset(split, idx, name):

@@ -23,7 +23,7 @@ from mergejax import freezeout as fo  # noqa: E402
 from mergejax import report  # noqa: E402
 from mergejax.config import TrainConfig, experiment_main, to_dict  # noqa: E402
 from mergejax.models import init_variables, make_model  # noqa: E402
-from mergejax.run import num_steps  # noqa: E402
+from mergejax.run import compilation_cache_dir, num_steps  # noqa: E402
 from mergejax.train import create_state, evaluate, fit, make_optimizer  # noqa: E402
 
 NAME = "freezeout"
@@ -42,13 +42,14 @@ class FreezeOutConfig:
 
 
 def tiny() -> FreezeOutConfig:
-    # 7-layer MLP (6 x Dense-256 + head) on digits: deep enough for a meaningful prefix, small
-    # enough for the full 21-run sweep in a few CPU minutes (the 7 stage steps are compiled
-    # once for the whole sweep). One seed: accuracy differences below ~1% are noise here.
-    # Two timed trainings per point (minimum kept): interference on a shared CPU only adds time.
+    # 7-layer MLP (6 x Dense-256 + head) on digits, 220 steps (~20 epochs): deep enough for a
+    # meaningful prefix, small enough for the full 21-run sweep in well under a CPU minute (the
+    # 7 stage steps are compiled once for the whole sweep). One seed: accuracy differences
+    # below ~1% are noise here. Two timed trainings per point (minimum kept): interference on
+    # a shared CPU only adds time.
     return FreezeOutConfig(
-        TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": (256,) * 6}, batch_size=128, steps=330,
-                    lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, log_every=330),
+        TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": (256,) * 6}, batch_size=128, steps=220,
+                    lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, log_every=220),
         repeats=2,
     )
 
@@ -75,7 +76,15 @@ def paper_vgg() -> FreezeOutConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, model="vgg16", model_kwargs={}))
 
 
-PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper, "paper_resnet": paper_resnet, "paper_vgg": paper_vgg}
+def smoke() -> FreezeOutConfig:
+    """Seconds: checks the pipeline end to end (CI), not the method (one FreezeOut point)."""
+    return FreezeOutConfig(
+        TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": (32,) * 3}, batch_size=128, steps=20,
+                    lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, log_every=20),
+        t0s=(0.5,), spacings=("cubic",), scalings=(True,))
+
+
+PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper, "paper_resnet": paper_resnet, "paper_vgg": paper_vgg, "smoke": smoke}
 
 
 class Runner:
@@ -171,15 +180,18 @@ def run(config: FreezeOutConfig, out_dir: str, progress: bool = True) -> dict:
             "train s": report.mean_std([r["train_s"] for r in rs])["mean"],
         })
     device = jax.devices()[0].device_kind
+    cache = compilation_cache_dir()
     table = (f"FreezeOut on `{cfg0.dataset}` with `{cfg0.model}` {dict(cfg0.model_kwargs)}, {runs[0]['freeze_steps'][-1]} steps, "
              f"batch {cfg0.batch_size}, alpha(0) = {cfg0.lr}, max_stages = {config.max_stages}, seeds {list(config.seeds)}, "
              f"device {device}. Saving = 1 - time / baseline time of the training loop, compile excluded unless "
              f"stated (min over {config.repeats} timed run(s) per point; baseline timed first and last, averaged); wall = wall-clock, CPU = process CPU time "
              f"(all threads; the steadier number on a shared machine); 'wall incl. compile' charges each run the "
-             f"compile time of all the stages it uses; predicted = from XLA cost-analysis FLOPs per compiled stage.\n\n")
+             f"compile time of all the stages it uses; predicted = from XLA cost-analysis FLOPs per compiled stage."
+             + (f" Persistent compilation cache on (`{cache}`): on a re-run, compile times are cache loads." if cache else "")
+             + "\n\n")
     table += report.markdown_table(rows, floatfmt=".2f")
     plot = _plot(os.path.join(out_dir, "speed_vs_accuracy.png"), runs, cfg0)
-    results = {"experiment": NAME, "config": to_dict(config), "device_kind": device, "rows": rows, "runs": runs,
+    results = {"experiment": NAME, "config": to_dict(config), "device_kind": device, "compilation_cache": cache, "rows": rows, "runs": runs,
                "stage_costs": stage_costs, "total_steps": runner.total,
                "plots": [os.path.basename(plot)]}
     report.write_outputs(out_dir, results, table)

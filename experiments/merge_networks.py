@@ -64,7 +64,15 @@ def paper() -> MergeExperiment:
     return MergeExperiment(teacher, paper_config(), seeds=(0, 1, 2))
 
 
-PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper}
+def smoke() -> MergeExperiment:
+    """Seconds: checks the pipeline end to end (CI), not the method (half-epoch stages, one seed)."""
+    merge_cfg = dataclasses.replace(tiny_config(), model_kwargs={"width": 0.25}, gate_epochs=0.5, finetune_epochs=0.5, log_every=11)
+    teacher = TrainConfig(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, epochs=0.5, lr=0.1,
+                          schedule="cosine", log_every=11)
+    return MergeExperiment(teacher, merge_cfg, seeds=(0,))
+
+
+PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper, "smoke": smoke}
 
 STAGES = [  # (key, label, epochs(T, G, F), teacher-epoch FLOP units(T, G, F))
     ("teacher", "teacher (one network)", lambda T, G, F: T, lambda T, G, F: T),

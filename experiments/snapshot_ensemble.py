@@ -57,8 +57,10 @@ class SnapshotConfig:
 
 
 def tiny() -> SnapshotConfig:
+    # Quarter-width SmallCNN (8/16/32 channels, BatchNorm) so 3 seeds x 11 budgets fit in
+    # about a minute of CPU; M = 5 cycles of 3 epochs each.
     return SnapshotConfig(
-        TrainConfig(dataset="digits", model="cnn", model_kwargs={"width": 0.5}, batch_size=64, epochs=15.0, lr=0.1,
+        TrainConfig(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, epochs=15.0, lr=0.1,
                     momentum=0.9, nesterov=True, weight_decay=5e-4, log_every=11),
         seeds=(0, 1, 2), num_snapshots=5)
 
@@ -74,7 +76,15 @@ def paper() -> SnapshotConfig:
         seeds=(0,), num_snapshots=5, swa_lr=0.05, fge_alpha1=0.05, fge_alpha2=0.0005)
 
 
-PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper}
+def smoke() -> SnapshotConfig:
+    """Seconds: checks the pipeline end to end (CI), not the method (2 epochs, M = 2, one seed)."""
+    return SnapshotConfig(
+        TrainConfig(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, epochs=2.0, lr=0.1,
+                    momentum=0.9, nesterov=True, weight_decay=5e-4, log_every=11),
+        seeds=(0,), num_snapshots=2)
+
+
+PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper, "smoke": smoke}
 
 
 class _Trainer:

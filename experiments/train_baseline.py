@@ -40,7 +40,13 @@ def paper() -> BaselineConfig:
         log_every=200, eval_every=2000, checkpoint_every=2000))
 
 
-PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper}
+def smoke() -> BaselineConfig:
+    """Seconds: checks the pipeline end to end (CI), not the method."""
+    return BaselineConfig(TrainConfig(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, steps=20,
+                                      lr=0.1, log_every=10))
+
+
+PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper, "smoke": smoke}
 
 
 def run(config: BaselineConfig, out_dir: str, progress: bool = True) -> dict:

@@ -48,6 +48,9 @@ def main(argv=None) -> int:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    from mergejax.run import enable_compilation_cache
+
+    enable_compilation_cache()
     module, func = COMMANDS[argv[0]][0].split(":")
     result = getattr(importlib.import_module(module), func)(argv[1:])
     return int(result or 0)

@@ -121,7 +121,10 @@ def experiment_args(argv: Sequence[str] | None, presets: Mapping[str, Callable[[
 
 def experiment_main(argv: Sequence[str] | None, presets: Mapping[str, Callable[[], Any]], name: str, doc: str, run: Callable) -> dict:
     """The whole ``main()`` of an experiment script: parse, ``run(config, out_dir, progress)``, print the table."""
+    from mergejax.run import enable_compilation_cache
+
     config, out_dir, progress, _ = experiment_args(argv, presets, name, doc)
+    enable_compilation_cache()
     out = run(config, out_dir, progress)
     print(out["table"])
     print(f"wrote {out_dir}/results.json")

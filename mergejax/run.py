@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -12,6 +13,38 @@ from mergejax.config import TrainConfig
 from mergejax.models import make_model
 from mergejax.schedules import make_schedule
 from mergejax.train import TrainState, create_state, evaluate, fit, make_optimizer
+
+
+CACHE_ENV = "MERGEJAX_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache; returns the directory, or None when off.
+
+    Executables are keyed by a hash of the lowered computation, so identical steps compile
+    once across seeds, runs, processes and re-runs of an experiment (each new optimizer or
+    ``apply_fn`` object is a new jit, but the same HLO). ``path`` defaults to
+    ``$MERGEJAX_COMPILATION_CACHE``, else ``~/.cache/mergejax/xla``; the value ``off`` (or
+    ``0``, ``none``, empty) disables it. Entry points (experiment scripts, ``reproduce.py``,
+    the CLI) call this before their first compile; library functions never do.
+    """
+    if path is None:
+        path = os.environ.get(CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "mergejax", "xla"))
+    if path.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small steps dominate CPU runs
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def compilation_cache_dir() -> str | None:
+    """The persistent compilation cache directory in use, or None."""
+    if not jax.config.jax_enable_compilation_cache:
+        return None
+    return jax.config.jax_compilation_cache_dir
 
 
 @dataclasses.dataclass

@@ -160,6 +160,9 @@ def ensemble_sums(apply_fn: Callable, params: Params, batch_stats: Params, batch
     }
 
 
+_jitted_ensemble_sums = jax.jit(ensemble_sums, static_argnums=0, static_argnames="member_map")  # one per process
+
+
 def evaluate_ensemble(
     apply_fn: Callable,
     params: Params,
@@ -176,7 +179,7 @@ def evaluate_ensemble(
     ``vote_accuracy`` (hard voting), ``error`` (1 - accuracy), and ``m``. One compiled
     :func:`ensemble_sums` call per batch (``member_map`` as there).
     """
-    sums_fn = sums_fn or jax.jit(ensemble_sums, static_argnums=0, static_argnames="member_map")
+    sums_fn = sums_fn or _jitted_ensemble_sums
     totals = None
     for batch in data_lib.batches(split, min(batch_size, len(split)), seed=0, shuffle=False, remainder="pad", epochs=1):
         sums = sums_fn(apply_fn, params, batch_stats, batch, member_map=member_map)

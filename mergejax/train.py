@@ -8,6 +8,7 @@ checkpoints and exact resume.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -68,12 +69,26 @@ class TrainState:
 
 
 def model_apply_fn(model: nn.Module) -> Callable:
-    """Wrap a Linen model as ``apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None)``."""
+    """Wrap a Linen model as ``apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None)``.
 
+    Equal model configs get the same function object (Linen modules compare by value), so
+    jitted steps keyed on ``apply_fn`` (a static field of :class:`TrainState`) are reused
+    across seeds instead of recompiled.
+    """
+    try:
+        return _cached_apply_fn(model)
+    except TypeError:  # unhashable module field (e.g. a list): a fresh wrapper
+        return _make_apply_fn(model)
+
+
+def _make_apply_fn(model: nn.Module) -> Callable:
     def apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None):
         return apply_model(model, params, batch_stats, x, train=train, frozen=frozen, rng=rng)
 
     return apply_fn
+
+
+_cached_apply_fn = functools.lru_cache(maxsize=64)(_make_apply_fn)
 
 
 def make_optimizer(
@@ -152,9 +167,16 @@ def eval_step(state: TrainState, batch: dict) -> dict:
     return eval_sums(logits, batch["label"], batch.get("mask"))
 
 
-# One jitted eval step for the process: its cache is keyed by the state's structure and
-# static functions, so repeated ``evaluate`` calls on the same model do not recompile.
-_jitted_eval_step = jax.jit(eval_step)
+@functools.partial(jax.jit, static_argnums=0)
+def _model_eval_sums(apply_fn: Callable, params: Params, batch_stats: Params, batch: dict) -> dict:
+    logits, _ = apply_fn(params, batch_stats, batch["image"], train=False)
+    return eval_sums(logits, batch["label"], batch.get("mask"))
+
+
+def _jitted_eval_step(state: TrainState, batch: dict) -> dict:
+    """:func:`eval_step`, jitted once per process and keyed only on ``apply_fn`` and shapes:
+    states that differ in optimizer or schedule (every run of a sweep) share one compile."""
+    return _model_eval_sums(state.apply_fn, state.params, state.batch_stats, batch)
 
 
 def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> dict:
@@ -227,6 +249,14 @@ def first_nonfinite_leaf(tree: Any) -> str | None:
     return None
 
 
+# ``fold_in(key, step)`` as one jitted call: ~20 us instead of ~200 us of eager dispatch per
+# training step, which is 5-15% of a small model's step on CPU. Same bits as the eager call.
+step_rng = jax.jit(jax.random.fold_in)
+# The default step of ``fit``: one jit for the process, so a state whose static fields
+# (apply_fn, tx, lr_fn, augment_fn) were seen before does not recompile.
+_jitted_train_step = jax.jit(train_step, donate_argnums=0)
+
+
 def fit(
     state: TrainState,
     train_split: data_lib.Split,
@@ -257,7 +287,7 @@ def fit(
     per_epoch = data_lib.steps_per_epoch(len(train_split), batch_size, remainder)
     eval_every = eval_every or per_epoch
     checkpoint_every = checkpoint_every or per_epoch
-    step_fn = step_fn or jax.jit(train_step, donate_argnums=0)
+    step_fn = step_fn or _jitted_train_step
     eval_fn = _jitted_eval_step
     manager = None
     log_file = None
@@ -290,13 +320,13 @@ def fit(
     try:
         for step in range(start, num_steps):
             batch = next(stream)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+            state, metrics = step_fn(state, batch, step_rng(base_rng, step))
             pending.append(metrics)
             done = step + 1
             for cb in callbacks:
                 cb(done, state)
             if done % log_every == 0 or done == num_steps:
-                values = jax.device_get(pending)
+                values = fetch_metrics(pending)
                 pending = []
                 record = _mean_metrics(values)
                 if not np.isfinite(record["loss"]):
@@ -320,6 +350,31 @@ def fit(
         if log_file is not None:
             log_file.close()
     return state, history
+
+
+_FETCH_CHUNK = 16
+
+
+@jax.jit
+def _stack_chunk(chunk: list) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
+
+
+def fetch_metrics(pending: list) -> list:
+    """Host (numpy) copies of per-step metric pytrees, in order.
+
+    Full chunks of 16 steps are stacked on the device first (one jitted call, compiled once
+    per metric structure), so each metric crosses to the host once per chunk rather than once
+    per step: ~5 ms -> ~1 ms per 50 steps of five scalars on CPU, which matters when a step
+    takes a fraction of a millisecond. The remainder is fetched leaf by leaf.
+    """
+    out: list = []
+    full = len(pending) - len(pending) % _FETCH_CHUNK
+    for i in range(0, full, _FETCH_CHUNK):
+        stacked = jax.device_get(_stack_chunk(pending[i:i + _FETCH_CHUNK]))
+        out.extend(jax.tree.map(lambda v, j=j: v[j], stacked) for j in range(_FETCH_CHUNK))
+    out.extend(jax.device_get(pending[full:]))
+    return out
 
 
 def _mean_metrics(values: list) -> dict:

@@ -13,6 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Hermetic tests: entry points called in-process (the CLI) and subprocesses must not turn on a
+# persistent compilation cache in the user's home; tests of the cache pass their own path.
+os.environ["MERGEJAX_COMPILATION_CACHE"] = "off"
+
 
 @pytest.fixture(scope="session")
 def digits():

@@ -1,0 +1,126 @@
+"""End to end: ``experiments/reproduce.py --preset smoke`` runs every experiment in a fresh
+process and writes the report, results, tables and plots each one promises; the numbers
+in them obey the identities the methods guarantee (not the papers' accuracies: the smoke
+presets train for seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+
+EXPERIMENTS = ["train_baseline", "averaging", "snapshot_ensemble", "freezeout", "merge_networks"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    import subprocess
+
+    out = tmp_path_factory.mktemp("smoke")
+    cache = out / "xla"
+    proc = subprocess.run(
+        [sys.executable, "experiments/reproduce.py", "--preset", "smoke", "--results", str(out / "results"), "--quiet"],
+        cwd=REPO, env={**os.environ, "MERGEJAX_COMPILATION_CACHE": str(cache)}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"reproduce.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out / "results", cache, proc.stdout
+
+
+def _results(root, name):
+    with open(root / name / "results.json") as f:
+        return json.load(f)
+
+
+def test_report_lists_every_experiment_in_order_with_existing_plots(smoke_run):
+    root, cache, stdout = smoke_run
+    report = (root / "REPORT.md").read_text()
+    assert report.startswith("# mergejax report (preset `smoke`)")
+    assert "5 experiment(s) in" in report and "(cold)" in report
+    positions = [report.index(f"## {name}\n") for name in EXPERIMENTS]
+    assert positions == sorted(positions)  # ORDER respected
+    links = [line[line.index("](") + 2:-1] for line in report.splitlines() if line.startswith("![")]
+    assert len(links) >= 5
+    for link in links:
+        assert (root / link).is_file() and (root / link).stat().st_size > 1000, link
+    for name in EXPERIMENTS:
+        assert (root / name / "results.json").is_file() and (root / name / "table.md").is_file()
+        assert f"[{name}/results.json]" in report
+    # the persistent compilation cache was used and filled
+    assert cache.is_dir() and len(os.listdir(cache)) > 5
+
+
+def test_baseline_results(smoke_run):
+    r = _results(smoke_run[0], "train_baseline")
+    run = r["runs"][0]
+    assert run["steps"] == 20 and 0.0 <= run["test_accuracy"] <= 1.0
+    assert r["test_accuracy"]["mean"] == pytest.approx(run["test_accuracy"])
+    assert [h["step"] for h in run["history"] if h["split"] == "train"] == [10, 20]
+
+
+def test_averaging_k1_local_sgd_is_gradient_averaging(smoke_run):
+    r = _results(smoke_run[0], "averaging")
+    for opt in ("sgd", "momentum"):
+        k1 = [d for d in r["divergence"] if d["optimizer"] == opt and d["K"] == 1]
+        k4 = [d for d in r["divergence"] if d["optimizer"] == opt and d["K"] == 4]
+        assert k1 and k4
+        # One local step per round: averaging weights = averaging gradients (float32 rounding only).
+        assert all(d["rel_dist"] < 1e-4 for d in k1), k1
+        assert all(d["local_acc"] == d["sync_acc"] for d in k1)
+        assert all(b["param_dist"] > 10 * a["param_dist"] for a, b in zip(k1, k4))
+    assert r["two_process"] == {"ok": None, "skipped": True}
+    for pair in r["interpolation"]:
+        # t = 0 is network A on both paths; t = 1 is B or its permutation: the same function
+        assert pair["aligned_acc"][0] == pair["naive_acc"][0]
+        assert pair["aligned_acc"][-1] == pytest.approx(pair["naive_acc"][-1], abs=1 / 360 + 1e-9)
+        assert pair["aligned_loss"][-1] == pytest.approx(pair["naive_loss"][-1], rel=1e-4)
+
+
+def test_snapshot_rows_and_member_counts(smoke_run):
+    r = _results(smoke_run[0], "snapshot_ensemble")
+    M = r["config"]["num_snapshots"]
+    assert r["snapshot_boundaries"] == [r["budget_steps"] // M, r["budget_steps"]]
+    s = r["summary"]
+    for key in ("single", "nocycle", "single_cycle", "snapshot_0.1", "snapshot_0.2", "swa", "swa_final_sgd", "fge", "true_ensemble"):
+        assert key in s, key
+        assert 0.0 <= s[key]["error_pct"]["mean"] <= 100.0
+    assert s["single"]["members"] == 1 and s["swa"]["members"] == 1
+    assert s["snapshot_0.1"]["members"] == M and s["true_ensemble"]["members"] == M
+    # error vs m: m = 1 is the last member alone, m = M the full ensemble reported in the row
+    assert s["snapshot_0.2"]["error_vs_m_pct"][-1]["mean"] == pytest.approx(s["snapshot_0.2"]["error_pct"]["mean"])
+
+
+def test_freezeout_predicted_saving_and_stages(smoke_run):
+    r = _results(smoke_run[0], "freezeout")
+    base = [x for x in r["runs"] if x["label"] == "baseline"]
+    frozen = [x for x in r["runs"] if x["label"] != "baseline"]
+    assert len(base) == 2 and len(frozen) == 1  # baseline first and last
+    assert all(x["predicted_saving"] == 0.0 and x["stages"] == 1 for x in base)
+    f = frozen[0]
+    assert 0.0 < f["predicted_saving"] < 1.0
+    # stage k runs with the first k layers frozen: 0 first, strictly increasing, head never frozen
+    prefixes = f["stage_prefixes"]
+    assert prefixes[0] == 0 and all(a < b for a, b in zip(prefixes, prefixes[1:])) and f["stages"] == len(prefixes)
+    assert prefixes[-1] <= len(r["config"]["train"]["model_kwargs"]["hidden"])
+    assert f["freeze_steps"] == sorted(f["freeze_steps"]) and f["freeze_steps"][-1] <= r["total_steps"]
+
+
+def test_merge_stages_present(smoke_run):
+    r = _results(smoke_run[0], "merge_networks")
+    run = r["runs"][0]
+    for key in ("teacher", "long_teacher", "long_teacher_flops", "ensemble", "naive_average", "aligned_average",
+                "big_after_gates", "after_compression", "merged", "double_width_pruned"):
+        assert 0.0 <= run[key] <= 1.0, key
+    assert run["teacher"] == pytest.approx((run["teacher_a"] + run["teacher_b"]) / 2)
+    g = run["gate_binariness"]
+    assert g["frac_zero"] + g["frac_one"] + g["frac_between"] == pytest.approx(1.0)
+
+
+def test_reproduce_rejects_unknown_experiment(run_python):
+    proc = run_python("import sys; sys.argv = ['x', '--only', 'nope']; sys.path.insert(0, 'experiments'); import reproduce; reproduce.main()",
+                      env={"MERGEJAX_COMPILATION_CACHE": "off"}, check=False)
+    assert proc.returncode != 0
+    assert "unknown experiment(s) ['nope']; available: train_baseline, averaging" in proc.stderr
