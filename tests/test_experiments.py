@@ -101,6 +101,11 @@ def test_freezeout_predicted_saving_and_stages(smoke_run):
     assert all(x["predicted_saving"] == 0.0 and x["stages"] == 1 for x in base)
     f = frozen[0]
     assert 0.0 < f["predicted_saving"] < 1.0
+    # timed between the two baselines: compared with their mean (linear drift correction)
+    assert [x["order"] for x in r["runs"]] == [0, 1, 2] and f["order"] == 1
+    assert f["baseline_ref_s"] == pytest.approx((base[0]["train_s"] + base[1]["train_s"]) / 2)
+    assert f["measured_saving"] == pytest.approx(1 - f["train_s"] / f["baseline_ref_s"])
+    assert all(x["measured_saving"] == 0.0 for x in base)
     # stage k runs with the first k layers frozen: 0 first, strictly increasing, head never frozen
     prefixes = f["stage_prefixes"]
     assert prefixes[0] == 0 and all(a < b for a, b in zip(prefixes, prefixes[1:])) and f["stages"] == len(prefixes)
