@@ -93,7 +93,7 @@ def make_checkpoints(root, n, model="resnet56"):
     from mergejax.models import count_params, init_variables, make_model
 
     net = make_model(model, 10)
-    p, s = jax.jit(lambda k: init_variables(net, k, (1, 32, 32, 3)))(jax.random.key(0))
+    p, s = init_variables(net, jax.random.key(0), (1, 32, 32, 3))
     paths = []
     for i in range(n):
         noise = jax.tree.map(lambda x: x + 0.01 * i, {"params": p, "batch_stats": s})

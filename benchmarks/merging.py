@@ -38,7 +38,7 @@ from mergejax.units import unit_spec, variables_of  # noqa: E402
 
 
 def _init(model, seed, shape):
-    return variables_of(*jax.jit(lambda k: init_variables(model, k, shape))(jax.random.key(seed)))
+    return variables_of(*init_variables(model, jax.random.key(seed), shape))
 
 
 def _timed(fn, repeats):

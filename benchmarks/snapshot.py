@@ -91,8 +91,8 @@ def bench_eval(model, test, args):
     apply_fn = create_state(model, jax.random.key(0), (1, *test.images.shape[1:]), make_optimizer("sgd", 0.1)).apply_fn
     from mergejax.models import init_variables
 
-    init = jax.jit(lambda k: init_variables(model, k, (1, *test.images.shape[1:])))
-    snaps = [dict(zip(("params", "batch_stats"), init(jax.random.key(i)))) for i in range(max(args.members))]
+    shape = (1, *test.images.shape[1:])
+    snaps = [dict(zip(("params", "batch_stats"), init_variables(model, jax.random.key(i), shape))) for i in range(max(args.members))]
     batch = jax.device_put({"image": test.images[: args.eval_batch], "label": test.labels[: args.eval_batch],
                             "mask": np.ones(min(args.eval_batch, len(test)), np.float32)})
     sums = jax.jit(ensemble_sums, static_argnums=0, static_argnames="member_map")

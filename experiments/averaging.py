@@ -31,7 +31,7 @@ from mergejax import averaging, local_sgd, rebasin, report, soups  # noqa: E402
 from mergejax import data as data_lib  # noqa: E402
 from mergejax.config import experiment_main, to_dict  # noqa: E402
 from mergejax.models import init_variables, make_model  # noqa: E402
-from mergejax.train import create_state, eval_step, evaluate, train_step  # noqa: E402
+from mergejax.train import create_state, evaluate, train_step  # noqa: E402
 from mergejax.units import take_units, unit_spec, variables_of  # noqa: E402
 
 NAME = "averaging"
@@ -103,16 +103,16 @@ def _flat_dist(a, b):
 
 
 class _Trainer:
-    """One model/optimizer template so every seed reuses the compiled step."""
+    """One model/optimizer template so every seed reuses the compiled step. The step does not
+    donate: the experiments keep earlier states (the start point, the synchronous run)."""
 
     def __init__(self, model, tx, shape):
+        self.model, self.shape = model, shape
         self.template = create_state(model, jax.random.key(0), shape, tx)
-        self.init = jax.jit(lambda k: init_variables(model, k, shape))
         self.step = jax.jit(train_step)
-        self.eval = jax.jit(eval_step)
 
     def fresh(self, seed, params=None):
-        p, s = self.init(jax.random.key(seed)) if params is None else (params, self.template.batch_stats)
+        p, s = init_variables(self.model, jax.random.key(seed), self.shape) if params is None else (params, self.template.batch_stats)
         return self.template.replace(step=jnp.zeros((), jnp.int32), params=p, batch_stats=s, opt_state=self.template.tx.init(p))
 
     def train(self, state, split, steps, batch_size, seed):
@@ -122,7 +122,7 @@ class _Trainer:
         return state
 
     def evaluate(self, state, split, params=None):
-        return evaluate(state if params is None else state.replace(params=params), split, 500, self.eval)
+        return evaluate(state if params is None else state.replace(params=params), split, 500)
 
 
 # --- (a) ---------------------------------------------------------------------------------
@@ -246,14 +246,9 @@ def two_process(out_dir):
     if any(p.returncode for p in procs):
         return {"ok": False, "error": "\n".join(e[-1500:] for e in errs)}
     sys.path.insert(0, os.path.join(REPO, "tests"))
-    from _dp_worker import dist_setup
+    from _dp_worker import dist_reference
 
-    state, rounds = dist_setup()
-    st = local_sgd.init(state, 2)
-    rnd = local_sgd.make_round(2, policy="keep")
-    for bt in rounds:
-        st, _ = rnd(st, bt, jax.random.key(0))
-    ref = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(st.params)[0]}
+    _, rounds, ref = dist_reference()
     a, b = (np.load(os.path.join(out_dir, f"proc{i}.npz")) for i in range(2))
     for i in range(2):
         os.remove(os.path.join(out_dir, f"proc{i}.npz"))

@@ -213,11 +213,7 @@ def run(config: FreezeOutConfig, out_dir: str, progress: bool = True) -> dict:
 
 
 def _plot(path: str, runs: list[dict], cfg: TrainConfig) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {("linear", True): ("tab:blue", "o"), ("linear", False): ("tab:cyan", "s"),
               ("cubic", True): ("tab:red", "^"), ("cubic", False): ("tab:orange", "v"), ("squared", True): ("tab:green", "D"),
@@ -241,10 +237,7 @@ def _plot(path: str, runs: list[dict], cfg: TrainConfig) -> str:
     ax2.set(xlabel="predicted FLOP saving (%)", ylabel="measured saving (%)", title="cost model vs clock")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def main(argv=None):

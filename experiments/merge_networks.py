@@ -160,11 +160,7 @@ def run_seed(config: MergeExperiment, seed: int, train, test, progress: bool) ->
 
 
 def _plots(out_dir, runs, config):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     h = runs[0]["gate_history"]
     curves = {g: (h["step"], v) for g, v in h["prob_open"].items()}
     gate_plot = report.plot_curves(os.path.join(out_dir, "gate_open_probability.png"), curves, xlabel="gate-learning step",
@@ -187,11 +183,7 @@ def _plots(out_dir, runs, config):
                 transform=ax.transAxes, fontsize=8)
     ax.set_title(f"{config.teacher.model} on {config.teacher.dataset}: accuracy per stage ({len(runs)} seeds)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    acc_plot = os.path.join(out_dir, "accuracy_per_stage.png")
-    fig.savefig(acc_plot, dpi=120)
-    plt.close(fig)
-    return [gate_plot, acc_plot]
+    return [gate_plot, report.save_figure(fig, os.path.join(out_dir, "accuracy_per_stage.png"))]
 
 
 def _table(config: MergeExperiment, runs: list) -> tuple[str, dict, dict]:

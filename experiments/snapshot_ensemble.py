@@ -33,9 +33,9 @@ from mergejax import report, schedules  # noqa: E402
 from mergejax.config import TrainConfig, experiment_main, to_dict  # noqa: E402
 from mergejax.models import make_model  # noqa: E402
 from mergejax.run import num_steps  # noqa: E402
-from mergejax.snapshot import SnapshotCollector, ensemble_sums, evaluate_ensemble, stack_trees  # noqa: E402
+from mergejax.snapshot import SnapshotCollector, evaluate_ensemble, stack_trees  # noqa: E402
 from mergejax.swa import fge_plan, recompute_batch_stats, swa_average, swa_params  # noqa: E402
-from mergejax.train import create_state, fit, make_optimizer, train_step  # noqa: E402
+from mergejax.train import create_state, fit, make_optimizer, model_apply_fn  # noqa: E402
 
 NAME = "snapshot_ensemble"
 ORDER = 20
@@ -88,16 +88,15 @@ PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper, "smoke": smoke}
 
 
 class _Trainer:
-    """One model, one jitted step for every run, so runs with the same schedule compile once."""
+    """One model and one optimizer per schedule for every seed: with ``fit``'s and
+    ``evaluate_ensemble``'s process-wide jits, runs with the same schedule compile once."""
 
     def __init__(self, cfg: TrainConfig, train, test, eval_batch_size):
         self.cfg, self.train, self.test, self.eval_bs = cfg, train, test, eval_batch_size
         self.model = make_model(cfg.model, train.num_classes, **dict(cfg.model_kwargs))
         self.shape = (1, *train.images.shape[1:])
-        self.step_fn = jax.jit(train_step, donate_argnums=0)
-        self.sums_fn = jax.jit(ensemble_sums, static_argnums=0, static_argnames="member_map")
         self._tx: dict = {}
-        self.apply_fn = None
+        self.apply_fn = model_apply_fn(self.model)  # the object create_state puts in every state
 
     def tx(self, key, lr_fn, extra=()):
         if key not in self._tx:  # same (tx, lr_fn) objects -> the jit cache hits across seeds
@@ -110,18 +109,15 @@ class _Trainer:
         tx, lr_fn = self.tx(key, lr_fn, extra)
         state = create_state(self.model, jax.random.key(seed), self.shape, tx, lr_fn=lr_fn,
                              augment_fn=data_lib.augment_cifar if self.cfg.augment else None)
-        if self.apply_fn is None:
-            self.apply_fn = state.apply_fn
-        state = state.replace(apply_fn=self.apply_fn)
         state, history = fit(state, self.train, num_steps=steps, batch_size=self.cfg.batch_size, seed=seed,
                              log_every=self.cfg.log_every, remainder=self.cfg.remainder, callbacks=callbacks,
-                             step_fn=self.step_fn, progress=False)
+                             progress=False)
         return state, [h for h in history if h["split"] == "train"]
 
     def curve(self, members):
         """Ensemble metrics for the last m of ``members`` ([(params, batch_stats)]), m = 1..M."""
         st = stack_trees([{"params": p, "batch_stats": s} for p, s in members])
-        return evaluate_ensemble(self.apply_fn, st["params"], st["batch_stats"], self.test, self.eval_bs, sums_fn=self.sums_fn)
+        return evaluate_ensemble(self.apply_fn, st["params"], st["batch_stats"], self.test, self.eval_bs)
 
 
 def _members(collector):
@@ -259,17 +255,8 @@ def run(config: SnapshotConfig, out_dir: str, progress: bool = True) -> dict:
     return {"results": results, "table": table, "plots": plots}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_schedules(config, total, per_epoch, run0, path):
-    plt = _plt()
+    plt = report.pyplot()
     M, lr = config.num_snapshots, config.train.lr
     counts = jnp.arange(total)
     swa_start = run0["swa_start"]
@@ -290,10 +277,7 @@ def _plot_schedules(config, total, per_epoch, run0, path):
     ax.set_title(f"schedules, B = {total} steps, M = {M}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def _plot_losses(losses, path):
@@ -303,7 +287,7 @@ def _plot_losses(losses, path):
 
 
 def _plot_error_vs_m(summary, path):
-    plt = _plt()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label, _ in ROWS:
         if key not in summary:
@@ -321,10 +305,7 @@ def _plot_error_vs_m(summary, path):
     ax.set_title("ensemble error vs m (mean ± std over seeds)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def main(argv=None):

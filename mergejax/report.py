@@ -68,14 +68,28 @@ def fmt_mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str, title: str = "", logy: bool = False) -> str:
-    """Save a line plot of ``{label: (xs, ys)}`` to ``path`` (PNG)."""
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return plt
+
+
+def save_figure(fig, path: str) -> str:
+    """Lay out, save ``fig`` to ``path`` (PNG, 120 dpi; parent directories created), close it."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str, title: str = "", logy: bool = False) -> str:
+    """Save a line plot of ``{label: (xs, ys)}`` to ``path`` (PNG)."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, label=label)
     ax.set_xlabel(xlabel)
@@ -87,8 +101,4 @@ def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[flo
     if len(curves) > 1:
         ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -28,6 +28,7 @@ import optax
 
 from mergejax import data as data_lib
 from mergejax import schedules
+from mergejax.train import step_rng
 
 Params = Any
 
@@ -124,7 +125,6 @@ def _batch_statistics(apply_fn: Callable, params: Params, batch_stats: Params, i
 # every averaged model) reuse one compile.
 _jitted_bn_momentum = jax.jit(_bn_momentum, static_argnums=0)
 _jitted_batch_statistics = jax.jit(_batch_statistics, static_argnums=0)
-_fold_in = jax.jit(jax.random.fold_in)
 
 
 def recompute_batch_stats(
@@ -151,18 +151,17 @@ def recompute_batch_stats(
     if not jax.tree.leaves(batch_stats):
         return batch_stats
     rng = jax.random.key(seed) if rng is None else rng
-    stats_fn = _jitted_batch_statistics
     avg, n, momentum = None, 0, None
     for i, batch in enumerate(data_lib.batches(split, batch_size, seed=seed, remainder="drop", epochs=1)):
         if num_batches is not None and i >= num_batches:
             break
-        step_rng = _fold_in(rng, i)
+        rng_i = step_rng(rng, i)
         if momentum is None:
-            momentum = _jitted_bn_momentum(apply_fn, params, batch_stats, batch["image"], step_rng)
+            momentum = _jitted_bn_momentum(apply_fn, params, batch_stats, batch["image"], rng_i)
             bad = [jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_flatten_with_path(momentum)[0] if not bool(jnp.all(m < 0.999999))]
             if bad:
                 raise ValueError(f"BatchNorm statistics {bad[:3]} do not change in train mode (momentum 1?); cannot re-estimate them")
-        b = stats_fn(apply_fn, params, batch_stats, batch["image"], step_rng, momentum)
+        b = _jitted_batch_statistics(apply_fn, params, batch_stats, batch["image"], rng_i, momentum)
         avg = b if avg is None else running_mean(avg, b, n)
         n += 1
     if avg is None:

@@ -163,20 +163,22 @@ def _accuracy(logits, labels, mask):
 
 def eval_step(state: TrainState, batch: dict) -> dict:
     """Sums over the batch (so batches add up exactly): loss_sum, correct, count."""
-    logits, _ = state.apply_fn(state.params, state.batch_stats, batch["image"], train=False)
-    return eval_sums(logits, batch["label"], batch.get("mask"))
+    return _model_eval_sums(state.apply_fn, state.params, state.batch_stats, batch)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _model_eval_sums(apply_fn: Callable, params: Params, batch_stats: Params, batch: dict) -> dict:
     logits, _ = apply_fn(params, batch_stats, batch["image"], train=False)
     return eval_sums(logits, batch["label"], batch.get("mask"))
 
 
+# Jitted once per process and keyed only on ``apply_fn`` and shapes, not on the whole state:
+# states that differ in optimizer or schedule (every run of a sweep) share one compile.
+_jitted_model_eval_sums = jax.jit(_model_eval_sums, static_argnums=0)
+
+
 def _jitted_eval_step(state: TrainState, batch: dict) -> dict:
-    """:func:`eval_step`, jitted once per process and keyed only on ``apply_fn`` and shapes:
-    states that differ in optimizer or schedule (every run of a sweep) share one compile."""
-    return _model_eval_sums(state.apply_fn, state.params, state.batch_stats, batch)
+    """:func:`eval_step` through :data:`_jitted_model_eval_sums`."""
+    return _jitted_model_eval_sums(state.apply_fn, state.params, state.batch_stats, batch)
 
 
 def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> dict:

@@ -145,6 +145,24 @@ def dist_setup(seed=0):
     return state, rounds
 
 
+def flat_params(tree, leaf=np.asarray) -> dict:
+    """``{keystr(path): leaf(x)}``: the npz layout the 2-process run writes."""
+    return {jax.tree_util.keystr(p): leaf(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def dist_reference(seed=0):
+    """The 2-process problem in one process, its 2 workers simulated with vmap:
+    ``(initial state, rounds, flat_params(final params))``."""
+    from mergejax import local_sgd
+
+    state, rounds = dist_setup(seed)
+    st = local_sgd.init(state, 2)
+    rnd = local_sgd.make_round(2, policy="keep")
+    for bt in rounds:
+        st, _ = rnd(st, bt, jax.random.key(0))
+    return state, rounds, flat_params(st.params)
+
+
 def dist_mode(out, port, pid):
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     from jax.sharding import NamedSharding
@@ -169,8 +187,7 @@ def dist_mode(out, port, pid):
     rng = globalise(jax.random.key_data(jax.random.key(0)), P())
     for r, b in enumerate(rounds):
         st, _ = rnd(st, globalise(b, P("data")), jax.random.wrap_key_data(rng))
-    flat = {jax.tree_util.keystr(p): np.asarray(x.addressable_data(0)) for p, x in jax.tree_util.tree_flatten_with_path(st.params)[0]}
-    np.savez(out, **flat)
+    np.savez(out, **flat_params(st.params, lambda x: np.asarray(x.addressable_data(0))))
     jax.distributed.shutdown()
 
 

@@ -17,6 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 # persistent compilation cache in the user's home; tests of the cache pass their own path.
 os.environ["MERGEJAX_COMPILATION_CACHE"] = "off"
 
+# One small instance of every model family: (name, make_model kwargs, input shape (B, H, W, C)).
+MODEL_CASES = [
+    ("mlp", {}, (4, 8, 8, 1)),
+    ("cnn", {}, (4, 8, 8, 1)),
+    ("resnet20", {}, (4, 16, 16, 3)),
+    ("wrn", dict(depth=10, widen=2), (4, 16, 16, 3)),
+    ("vgg11", dict(width=0.25), (4, 32, 32, 3)),
+]
+
 
 @pytest.fixture(scope="session")
 def digits():

@@ -60,10 +60,10 @@ def test_evaluate_compiles_once_across_optimizers(digits):
     model = make_model("mlp", 10, hidden=(8,))
     states = [train_lib.create_state(model, jax.random.key(i), (1, 64), tx)
               for i, tx in enumerate([optax.sgd(0.1), optax.adam(1e-3), optax.sgd(0.3, momentum=0.9)])]
-    before = train_lib._model_eval_sums._cache_size()
+    before = train_lib._jitted_model_eval_sums._cache_size()
     results = [train_lib.evaluate(s, test, 500) for s in states]
     # one compile for the (apply_fn, shapes) pair, however many optimizers
-    assert train_lib._model_eval_sums._cache_size() - before == 1
+    assert train_lib._jitted_model_eval_sums._cache_size() - before == 1
     # and the numbers equal an independent numpy evaluation
     for s, r in zip(states, results):
         logits, _ = s.apply_fn(s.params, s.batch_stats, jnp.asarray(test.images), train=False)

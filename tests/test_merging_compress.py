@@ -10,13 +10,7 @@ from mergejax.merging.gates import deterministic, gated_apply
 from mergejax.models import apply_model, init_variables, make_model
 from mergejax.units import unit_spec, variables_of
 
-CASES = [
-    ("mlp", {}, (4, 8, 8, 1)),
-    ("cnn", {}, (4, 8, 8, 1)),
-    ("resnet20", {}, (4, 16, 16, 3)),
-    ("wrn", dict(depth=10, widen=2), (4, 16, 16, 3)),
-    ("vgg11", dict(width=0.25), (4, 32, 32, 3)),
-]
+from conftest import MODEL_CASES as CASES
 
 
 def _gates_keeping_half(spec, seed):

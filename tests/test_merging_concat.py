@@ -10,13 +10,7 @@ from mergejax.merging.concat import concat, concat_spec
 from mergejax.models import apply_model, init_variables, make_model
 from mergejax.units import check_spec, unit_spec, variables_of
 
-CASES = [
-    ("mlp", {}, (4, 8, 8, 1)),
-    ("cnn", {}, (4, 8, 8, 1)),
-    ("resnet20", {}, (4, 16, 16, 3)),
-    ("wrn", dict(depth=10, widen=2), (4, 16, 16, 3)),
-    ("vgg11", dict(width=0.25), (4, 32, 32, 3)),
-]
+from conftest import MODEL_CASES as CASES
 
 
 def teacher(name, kw, shape, seed):

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import local_sgd, parallel
+from mergejax import parallel
 from mergejax.models import apply_model, init_variables, make_model
 from mergejax.train import create_state, train_step
 
@@ -130,17 +130,12 @@ def test_local_sgd_two_processes(tmp_path):
     a, b = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "p1.npz")
     # Single-process reference: the same 2 workers simulated with vmap.
     sys.path.insert(0, str(REPO / "tests"))
-    from _dp_worker import dist_setup
+    from _dp_worker import dist_reference, flat_params
 
-    state, rounds = dist_setup()
-    st = local_sgd.init(state, 2)
-    rnd = local_sgd.make_round(2, policy="keep")
-    for bt in rounds:
-        st, _ = rnd(st, bt, jax.random.key(0))
-    ref = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(st.params)[0]}
+    state, _, ref = dist_reference()
     assert sorted(a.files) == sorted(ref)
     for k in ref:
         np.testing.assert_array_equal(a[k], b[k])  # both processes hold identical parameters
         np.testing.assert_allclose(a[k], ref[k], rtol=1e-5, atol=1e-6)
-    init = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    init = flat_params(state.params)
     assert max(np.abs(ref[k] - init[k]).max() for k in ref) > 1e-3  # training did move the weights
