@@ -4,39 +4,38 @@
     python experiments/averaging.py --set seeds=(0,) --set two_process=False
 
 (a) local SGD (K local steps, then average weights) vs synchronous gradient averaging on the
-    same data, K in (1, 2, 8, 32, 128), for SGD and momentum: parameter distance, test accuracy.
+    same batches, K in (1, 2, 8, 32, 128), for SGD and momentum: parameter distance, test accuracy.
 (b) two independently initialised and trained networks: naive vs weight-matched (Git Re-Basin)
     linear interpolation, test loss/accuracy along the path, loss barrier, PNG of the path.
 (c) model soups of fine-tunes of one pre-trained network: best single vs uniform vs greedy.
 (d) local SGD across 2 real processes (jax.distributed, CPU) vs the single-process result.
+
+Units (``units/...``; a re-run reads finished ones from disk): ``divergence/<opt>/seed<s>``,
+``interp/seed<s>/net0|net1|path``, ``soups/seed<s>/pretrain|finetune<i>|soup``, ``two_process``.
+The networks of (b) and (c) train with ``fit`` in ``<unit>/fit`` (checkpointed, resumed after a kill).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import socket
-import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from mergejax import averaging, local_sgd, rebasin, report, soups  # noqa: E402
-from mergejax import data as data_lib  # noqa: E402
-from mergejax.config import experiment_main, to_dict  # noqa: E402
-from mergejax.models import init_variables, make_model  # noqa: E402
-from mergejax.train import create_state, evaluate, train_step  # noqa: E402
-from mergejax.units import take_units, unit_spec, variables_of  # noqa: E402
+from mergejax import checkpoint, connectivity, distributed, local_sgd, report, soups
+from mergejax import data as data_lib
+from mergejax.config import to_dict
+from mergejax.experiment import experiment_main, unit
+from mergejax.models import make_model
+from mergejax.train import create_state, evaluate, fit
 
 NAME = "averaging"
 ORDER = 10
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +63,7 @@ class AveragingConfig:
     val_fraction: float = 0.2
     # (d)
     two_process: bool = True
+    checkpoint_every: int = 300  # steps between fit checkpoints in (b), (c)
 
 
 def tiny() -> AveragingConfig:
@@ -76,246 +76,154 @@ def paper() -> AveragingConfig:
     # 3x512 MLP on MNIST for weight matching; Wortsman et al. 2022 soup 72 fine-tunes).
     return AveragingConfig(dataset="mnist", hidden=(512, 512, 512), pair_hidden=(512, 512, 512), workers=8,
                            worker_batch=64, total_steps=1024, ks=(1, 2, 8, 32, 128), pair_steps=6000,
-                           soup_pretrain_steps=3000, soup_finetune_steps=1000, seeds=(0, 1, 2))
+                           soup_pretrain_steps=3000, soup_finetune_steps=1000, seeds=(0, 1, 2), checkpoint_every=1000)
 
 
 def smoke() -> AveragingConfig:
     """Seconds: checks the pipeline end to end (CI), not the method; no second process."""
     return AveragingConfig(seeds=(0,), hidden=(16,), workers=2, worker_batch=8, total_steps=8, ks=(1, 4), pair_hidden=(32,),
                            pair_steps=30, interp_points=3, soup_pretrain_steps=20, soup_finetune_steps=10,
-                           soup_lrs=(0.01, 0.1), two_process=False)
+                           soup_lrs=(0.01, 0.1), two_process=False, checkpoint_every=10)
 
 
 PRESETS = {"tiny": tiny, "paper": paper, "smoke": smoke}
 
 
-def _subset(split, idx, name):
-    return data_lib.Split(split.images[idx], split.labels[idx], split.num_classes, f"{split.name}:{name}")
+def _pick(config, *fields, **extra) -> dict:
+    return {"dataset": config.dataset, **{f: getattr(config, f) for f in fields}, **extra}
 
 
-def _sci(values):
-    m = report.mean_std(values)
-    return f"{m['mean']:.2e} ± {m['std']:.1e}"
+def _fit_unit(make_state, split, evals, *, steps, seed, cfg, config, progress):
+    """Unit body: ``fit`` ``make_state()`` in ``<unit>/fit`` (checkpointed); returns ``{split: metrics}``."""
+    def fn(workdir):
+        state, _ = fit(make_state(), split, num_steps=steps, batch_size=config.batch_size, seed=seed, progress=progress,
+                       manifest=cfg, workdir=os.path.join(workdir, "fit"), checkpoint_every=config.checkpoint_every)
+        return {name: evaluate(state, s) for name, s in evals.items()}
+    return fn
 
 
-def _flat_dist(a, b):
-    return float(jnp.sqrt(sum(jnp.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))))
+def _restore(out_dir, name, like):
+    """``like`` (a state) with the final arrays of unit ``name``'s ``fit`` run."""
+    manager = checkpoint.Manager(os.path.join(out_dir, "units", name, "fit", "checkpoints"))
+    return like.replace_arrays(manager.restore(like.arrays()))
 
 
-class _Trainer:
-    """One model/optimizer template so every seed reuses the compiled step. The step does not
-    donate: the experiments keep earlier states (the start point, the synchronous run)."""
+def divergence(config, out_dir, opt, seed, train, test, sgd, rounds):
+    model = make_model("mlp", train.num_classes, hidden=config.hidden)
+    cfg = _pick(config, "hidden", "workers", "worker_batch", "total_steps", "ks", "lr_sgd", "lr_momentum", optimizer=opt, seed=seed)
+    kw = dict(num_steps=config.total_steps, batch_size=config.workers * config.worker_batch, seed=seed)
+    tx = sgd(config.lr_sgd, 0.0) if opt == "sgd" else sgd(config.lr_momentum, 0.9)
 
-    def __init__(self, model, tx, shape):
-        self.model, self.shape = model, shape
-        self.template = create_state(model, jax.random.key(0), shape, tx)
-        self.step = jax.jit(train_step)
-
-    def fresh(self, seed, params=None):
-        p, s = init_variables(self.model, jax.random.key(seed), self.shape) if params is None else (params, self.template.batch_stats)
-        return self.template.replace(step=jnp.zeros((), jnp.int32), params=p, batch_stats=s, opt_state=self.template.tx.init(p))
-
-    def train(self, state, split, steps, batch_size, seed):
-        it = data_lib.batches(split, batch_size, seed=seed)
-        for i in range(steps):
-            state, _ = self.step(state, next(it), jax.random.key(i))
-        return state
-
-    def evaluate(self, state, split, params=None):
-        return evaluate(state if params is None else state.replace(params=params), split, 500)
+    def fn(workdir):  # synchronous: fit on global batches of W * b; local SGD shards the same stream
+        start = lambda: create_state(model, jax.random.key(seed), (1, *train.images.shape[1:]), tx)  # noqa: E731 (fit donates)
+        sync, _ = fit(start(), train, **kw, progress=False)  # seconds: the unit reruns it rather than checkpoint it
+        rows = local_sgd.divergence(start(), sync, train, test, num_workers=config.workers, ks=config.ks, rounds=rounds, **kw)
+        return {"rows": [{"optimizer": opt, "seed": seed, **r} for r in rows]}
+    return unit(out_dir, f"divergence/{opt}/seed{seed}", cfg, fn)["rows"]
 
 
-# --- (a) ---------------------------------------------------------------------------------
+def aligned_pair(config, out_dir, seed, train, test, sgd, progress):
+    model, tx = make_model("mlp", train.num_classes, hidden=config.pair_hidden), sgd(config.pair_lr, 0.9)
+    fresh = lambda key: create_state(model, jax.random.key(key), (1, *train.images.shape[1:]), tx)  # noqa: E731
+    cfg, names, nets = _pick(config, "pair_hidden", "pair_steps", "pair_lr", "batch_size", seed=seed), [], []
+    for j in (0, 1):  # network j: init key 1000 + 2 seed + j, data order 2 seed + j
+        c, names = {**cfg, "net": j}, names + [f"interp/seed{seed}/net{j}"]
+        body = _fit_unit(lambda j=j: fresh(1000 + 2 * seed + j), train, {"test": test}, steps=config.pair_steps, seed=2 * seed + j,
+                         cfg=c, config=config, progress=progress)
+        nets.append(unit(out_dir, names[j], c, body))
+
+    def fn(workdir):
+        a, b = (_restore(out_dir, n, fresh(0)) for n in names)
+        ts = np.linspace(0, 1, config.interp_points)
+        return {"seed": seed, **connectivity.naive_vs_aligned(model, a, b, test, ts, rng=np.random.default_rng(seed))}
+    return unit(out_dir, f"interp/seed{seed}/path", {**cfg, "interp_points": config.interp_points}, fn, inputs=dict(zip(names, nets)))
 
 
-def divergence(cfg, train, test, shape, progress):
-    rows = []
-    model = make_model("mlp", train.num_classes, hidden=cfg.hidden)
-    W, B, T = cfg.workers, cfg.worker_batch, cfg.total_steps
-    for opt_name, tx in (("sgd", optax.sgd(cfg.lr_sgd)), ("momentum", optax.sgd(cfg.lr_momentum, momentum=0.9))):
-        tr = _Trainer(model, tx, shape)
-        rounds = {k: local_sgd.make_round(W, policy="keep") for k in cfg.ks}
-        for seed in cfg.seeds:
-            it = data_lib.batches(train, B, seed=seed)
-            got = [next(it) for _ in range(T * W)]
-            X = np.stack([g["image"] for g in got]).reshape(T, W, B, *shape[1:])
-            Y = np.stack([g["label"] for g in got]).reshape(T, W, B)
-            s0 = tr.fresh(seed)
-            sync = s0
-            for t in range(T):
-                sync, _ = tr.step(sync, {"image": X[t].reshape(W * B, *shape[1:]), "label": Y[t].reshape(W * B)}, jax.random.key(t))
-            sync_acc = tr.evaluate(sync, test)["accuracy"]
-            moved = _flat_dist(sync.params, s0.params)
-            for k in cfg.ks:
-                st = local_sgd.init(s0, W)
-                t0 = time.perf_counter()
-                for r in range(T // k):
-                    xs = X[r * k:(r + 1) * k].swapaxes(0, 1)  # (W, K, B, ...)
-                    ys = Y[r * k:(r + 1) * k].swapaxes(0, 1)
-                    st, _ = rounds[k](st, {"image": xs, "label": ys}, jax.random.key(r))
-                dist = _flat_dist(st.params, sync.params)
-                rows.append({"optimizer": opt_name, "K": k, "seed": seed, "param_dist": dist, "rel_dist": dist / moved,
-                             "local_acc": tr.evaluate(s0, test, st.params)["accuracy"], "sync_acc": sync_acc,
-                             "time_s": time.perf_counter() - t0})
-            if progress:
-                print(f"(a) {opt_name} seed {seed}: " + ", ".join(f"K={r['K']} d={r['param_dist']:.2e}" for r in rows[-len(cfg.ks):]))
-    return rows
+def soup(config, out_dir, seed, train, test, sgd, progress):
+    model, pre_tx = make_model("mlp", train.num_classes, hidden=config.hidden), sgd(0.05, 0.9)
+    fresh = lambda tx, key=0: create_state(model, jax.random.key(key), (1, *train.images.shape[1:]), tx)  # noqa: E731
+    perm, nval = np.random.default_rng(seed).permutation(len(train)), int(len(train) * config.val_fraction)
+    val, sub = (data_lib.Split(train.images[i], train.labels[i], train.num_classes, f"{train.name}:{n}")
+                for i, n in ((perm[:nval], "val"), (perm[nval:], "train")))
+    cfg, pre = _pick(config, "hidden", "batch_size", "soup_pretrain_steps", "val_fraction", seed=seed), f"soups/seed{seed}/pretrain"
+    body = _fit_unit(lambda: fresh(pre_tx, seed), sub, {"val": val}, steps=config.soup_pretrain_steps, seed=seed, cfg=cfg,
+                     config=config, progress=progress)
+    pre_result = unit(out_dir, pre, cfg, body)
+    cfg, names, scores = {**cfg, "soup_finetune_steps": config.soup_finetune_steps}, [], []
+    pre_params = functools.cache(lambda: jax.device_get(_restore(out_dir, pre, fresh(pre_tx)).params))  # host copy: fit donates
+    for i, lr in enumerate(config.soup_lrs):  # the pre-trained weights, a fresh optimizer state
+        tx, c, names = sgd(lr, 0.9), {**cfg, "lr": lr}, names + [f"soups/seed{seed}/finetune{i}"]
+        start = lambda tx=tx: fresh(tx).replace(params=pre_params())  # noqa: E731
+        body = _fit_unit(start, sub, {"val": val, "test": test}, steps=config.soup_finetune_steps, seed=100 * seed + i + 1, cfg=c,
+                         config=config, progress=progress)
+        scores.append(unit(out_dir, names[i], c, body, inputs={pre: pre_result}))
 
-
-# --- (b) ---------------------------------------------------------------------------------
-
-
-def barrier(losses, ts):
-    return max(l - ((1 - t) * losses[0] + t * losses[-1]) for l, t in zip(losses, ts))
-
-
-def aligned_pairs(cfg, train, test, shape, progress):
-    model = make_model("mlp", train.num_classes, hidden=cfg.pair_hidden)
-    tr = _Trainer(model, optax.sgd(cfg.pair_lr, momentum=0.9), shape)
-    ts = list(np.linspace(0, 1, cfg.interp_points))
-    runs = []
-    for seed in cfg.seeds:
-        a = tr.train(tr.fresh(1000 + 2 * seed), train, cfg.pair_steps, cfg.batch_size, seed=2 * seed)
-        b = tr.train(tr.fresh(1001 + 2 * seed), train, cfg.pair_steps, cfg.batch_size, seed=2 * seed + 1)
-        va, vb = variables_of(a.params, a.batch_stats), variables_of(b.params, b.batch_stats)
-        spec = unit_spec(model, va)
-        t0 = time.perf_counter()
-        vb_al = take_units(vb, spec, rebasin.weight_matching(spec, va, vb, rng=np.random.default_rng(seed)))
-        match_s = time.perf_counter() - t0
-        run = {"seed": seed, "t": ts, "match_time_s": match_s}
-        for name, other in (("naive", vb["params"]), ("aligned", vb_al["params"])):
-            evals = [tr.evaluate(a, test, averaging.interpolate(a.params, other, t)) for t in ts]
-            run[f"{name}_loss"] = [e["loss"] for e in evals]
-            run[f"{name}_acc"] = [e["accuracy"] for e in evals]
-            run[f"{name}_barrier"] = barrier(run[f"{name}_loss"], ts)
-            run[f"{name}_mid_acc"] = evals[len(ts) // 2]["accuracy"]
-        run["end_acc"] = [run["naive_acc"][0], run["naive_acc"][-1]]
-        runs.append(run)
-        if progress:
-            print(f"(b) seed {seed}: barrier naive {run['naive_barrier']:.3f} aligned {run['aligned_barrier']:.3f}")
-    return runs
-
-
-# --- (c) ---------------------------------------------------------------------------------
-
-
-def soup_runs(cfg, train, test, shape, progress):
-    model = make_model("mlp", train.num_classes, hidden=cfg.hidden)
-    runs = []
-    for seed in cfg.seeds:
-        perm = np.random.default_rng(seed).permutation(len(train))
-        nval = int(len(train) * cfg.val_fraction)
-        val, sub = _subset(train, perm[:nval], "val"), _subset(train, perm[nval:], "train")
-        pre_tr = _Trainer(model, optax.sgd(0.05, momentum=0.9), shape)
-        pre = pre_tr.train(pre_tr.fresh(seed), sub, cfg.soup_pretrain_steps, cfg.batch_size, seed=seed)
-        fts = []
-        for i, lr in enumerate(cfg.soup_lrs):
-            tr = _Trainer(model, optax.sgd(lr, momentum=0.9), shape)
-            fts.append(tr.train(tr.fresh(0, pre.params), sub, cfg.soup_finetune_steps, cfg.batch_size, seed=100 * seed + i + 1).params)
-        score = lambda p: pre_tr.evaluate(pre, val, p)["accuracy"]  # noqa: E731
-        val_scores = [score(p) for p in fts]
-        test_acc = [pre_tr.evaluate(pre, test, p)["accuracy"] for p in fts]
-        best = int(np.argmax(val_scores))
-        uniform = soups.uniform_soup(fts)
-        greedy, info = soups.greedy_soup(fts, score, scores=val_scores)
-        runs.append({"seed": seed, "lrs": list(cfg.soup_lrs), "val_acc": val_scores, "test_acc": test_acc,
-                     "best_single_test": test_acc[best], "uniform_test": pre_tr.evaluate(pre, test, uniform)["accuracy"],
-                     "greedy_test": pre_tr.evaluate(pre, test, greedy)["accuracy"], "greedy_chosen": info["chosen"],
-                     "uniform_val": score(uniform), "greedy_val": info["soup_score"], "best_single_val": val_scores[best]})
-        if progress:
-            r = runs[-1]
-            print(f"(c) seed {seed}: best {r['best_single_test']:.4f} uniform {r['uniform_test']:.4f} greedy {r['greedy_test']:.4f}")
-    return runs
-
-
-# --- (d) ---------------------------------------------------------------------------------
+    def fn(workdir):
+        like = _restore(out_dir, pre, fresh(pre_tx))
+        acc = lambda split: lambda p: evaluate(like.replace(params=p), split)["accuracy"]  # noqa: E731
+        r = soups.compare([_restore(out_dir, n, like).params for n in names], acc(val), acc(test),
+                          val_scores=[s["val"]["accuracy"] for s in scores], test_scores=[s["test"]["accuracy"] for s in scores])
+        return {"seed": seed, "lrs": list(config.soup_lrs), "val_acc": r.pop("val"), "test_acc": r.pop("test"), **r}
+    return unit(out_dir, f"soups/seed{seed}/soup", {**cfg, "soup_lrs": config.soup_lrs}, fn, inputs=dict(zip(names, scores)))
 
 
 def two_process(out_dir):
-    """Run tests/_dp_worker.py's 2-process local SGD and compare with one process (vmap)."""
-    worker = os.path.join(REPO, "tests", "_dp_worker.py")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, worker, "dist", os.path.join(out_dir, f"proc{i}.npz"), str(port), str(i)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    errs = [p.communicate(timeout=900)[1] for p in procs]
-    wall = time.perf_counter() - t0
-    if any(p.returncode for p in procs):
-        return {"ok": False, "error": "\n".join(e[-1500:] for e in errs)}
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from _dp_worker import dist_reference
-
-    _, rounds, ref = dist_reference()
-    a, b = (np.load(os.path.join(out_dir, f"proc{i}.npz")) for i in range(2))
-    for i in range(2):
-        os.remove(os.path.join(out_dir, f"proc{i}.npz"))
-    return {"ok": True, "processes": 2, "rounds": len(rounds), "local_steps": 3,
-            "max_gap_between_processes": max(float(np.abs(a[k] - b[k]).max()) for k in ref),
-            "max_gap_vs_single_process": max(float(np.abs(a[k] - ref[k]).max()) for k in ref), "wall_time_s": wall}
-
-
-# --- driver ------------------------------------------------------------------------------
+    cfg = {"processes": 2, "seed": 0, "rounds": distributed.ROUNDS, "local_steps": distributed.LOCAL_STEPS}
+    try:
+        return unit(out_dir, "two_process", cfg, lambda workdir: distributed.check(workdir))
+    except distributed.LaunchError as e:  # reported, not stored: a re-run tries again
+        return {"ok": False, "error": str(e)}
 
 
 def run(config: AveragingConfig, out_dir: str, progress: bool = True) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     train, test = data_lib.load(config.dataset, "train"), data_lib.load(config.dataset, "test")
-    shape = (1, *train.images.shape[1:])
-    div = divergence(config, train, test, shape, progress)
-    pairs = aligned_pairs(config, train, test, shape, progress)
-    soup = soup_runs(config, train, test, shape, progress)
+    # One optimizer object per setting and one round per K: states that share them share compilations.
+    sgd = functools.cache(lambda lr, momentum: optax.sgd(lr, momentum=momentum or None))
+    rounds, opts = {k: local_sgd.make_round(config.workers) for k in config.ks}, ("sgd", "momentum")
+    div = [r for opt in opts for s in config.seeds for r in divergence(config, out_dir, opt, s, train, test, sgd, rounds)]
+    pairs = [aligned_pair(config, out_dir, s, train, test, sgd, progress) for s in config.seeds]
+    soup_runs = [soup(config, out_dir, s, train, test, sgd, progress) for s in config.seeds]
     dist = two_process(out_dir) if config.two_process else {"ok": None, "skipped": True}
 
-    ms = report.fmt_mean_std
-    table = "## (a) Local SGD (K local steps, then weight averaging) vs gradient averaging\n\n"
-    table += f"{config.workers} workers x batch {config.worker_batch}, {config.total_steps} steps, MLP {config.hidden}; distance to the synchronous run (L2 over all params; rel = / distance the sync run moved).\n\n"
-    rows_a = []
-    for opt in ("sgd", "momentum"):
-        for k in config.ks:
-            rs = [r for r in div if r["optimizer"] == opt and r["K"] == k]
-            rows_a.append({"optimizer": opt, "K": k, "param dist": _sci([r["param_dist"] for r in rs]),
-                           "rel dist": ms([r["rel_dist"] for r in rs], digits=4),
-                           "local SGD acc": ms([r["local_acc"] for r in rs], 100), "grad-avg acc": ms([r["sync_acc"] for r in rs], 100)})
-    table += report.markdown_table(rows_a) + "\n"
-    table += "## (b) Two independently trained networks: linear interpolation\n\n"
+    ms, sel = report.fmt_mean_std, lambda o, k: [r for r in div if r["optimizer"] == o and r["K"] == k]  # noqa: E731
+    sci = lambda v: "{mean:.2e} ± {std:.1e}".format(**report.mean_std(v))  # noqa: E731
+    rows_a = [{"optimizer": o, "K": k, "param dist": sci([r["param_dist"] for r in sel(o, k)]),
+               "rel dist": ms([r["rel_dist"] for r in sel(o, k)], digits=4), "local SGD acc": ms([r["local_acc"] for r in sel(o, k)], 100),
+               "grad-avg acc": ms([r["sync_acc"] for r in sel(o, k)], 100)} for o in opts for k in config.ks]
     rows_b = [{"method": m, "loss barrier": ms([r[f"{m}_barrier"] for r in pairs], digits=3),
                "midpoint acc": ms([r[f"{m}_mid_acc"] for r in pairs], 100),
                "endpoint acc": ms([x for r in pairs for x in r["end_acc"]], 100)} for m in ("naive", "aligned")]
-    table += report.markdown_table(rows_b) + "\n"
-    table += f"## (c) Soups of {len(config.soup_lrs)} fine-tunes (lrs {config.soup_lrs}) of one pre-trained MLP (test acc %)\n\n"
-    rows_c = [{"model": m, "test acc": ms([r[f"{k}_test"] for r in soup], 100), "val acc": ms([r[f"{k}_val"] for r in soup], 100)}
+    rows_c = [{"model": m, "test acc": ms([r[f"{k}_test"] for r in soup_runs], 100), "val acc": ms([r[f"{k}_val"] for r in soup_runs], 100)}
               for m, k in (("best single (by val)", "best_single"), ("uniform soup", "uniform"), ("greedy soup", "greedy"))]
-    table += report.markdown_table(rows_c) + "\n"
-    table += "## (d) Local SGD across 2 processes (jax.distributed, CPU)\n\n"
-    table += (f"max |params(proc 0) - params(proc 1)| = {dist.get('max_gap_between_processes')}, max |2-process - 1-process| = "
-              f"{dist.get('max_gap_vs_single_process')}\n" if dist.get("ok") else f"not run / failed: {dist}\n")
+    table = (f"## (a) Local SGD (K local steps, then weight averaging) vs gradient averaging\n\n{config.workers} workers x batch "
+             f"{config.worker_batch}, {config.total_steps} steps, MLP {config.hidden}; distance to the synchronous run on the same batches "
+             f"(L2 over all params; rel = / distance the sync run moved).\n\n{report.markdown_table(rows_a)}\n"
+             f"## (b) Two independently trained networks: linear interpolation\n\n{report.markdown_table(rows_b)}\n"
+             f"## (c) Soups of {len(config.soup_lrs)} fine-tunes (lrs {config.soup_lrs}) of one pre-trained MLP (test acc %)\n\n"
+             f"{report.markdown_table(rows_c)}\n## (d) Local SGD across 2 processes (jax.distributed, CPU)\n\n")
+    table += (f"max |params(proc 0) - params(proc 1)| = {dist['max_gap_between_processes']}, max |2-process - 1-process| = "
+              f"{dist['max_gap_vs_single_process']}\n" if dist.get("ok") else f"not run / failed: {dist}\n")
     table += f"\nSeeds {list(config.seeds)}; mean ± std; device {jax.devices()[0].device_kind}; wall {time.perf_counter() - t0:.0f} s.\n"
 
-    mean_path = lambda m, key: list(np.mean([r[f"{m}_{key}"] for r in pairs], 0))  # noqa: E731
-    ts = pairs[0]["t"]
+    ts, mean_loss = pairs[0]["t"], lambda m: list(np.mean([r[f"{m}_loss"] for r in pairs], 0))  # noqa: E731
     p1 = report.plot_curves(os.path.join(out_dir, "interpolation.png"),
-                            {"naive": (ts, mean_path("naive", "loss")), "aligned (weight matching)": (ts, mean_path("aligned", "loss"))},
+                            {"naive": (ts, mean_loss("naive")), "aligned (weight matching)": (ts, mean_loss("aligned"))},
                             xlabel="t  ((1-t) A + t B)", ylabel="test loss (nats)", title="Interpolating two independently trained MLPs")
-    curves = {}
-    for opt in ("sgd", "momentum"):
-        curves[opt] = (list(config.ks), [float(np.mean([r["rel_dist"] for r in div if r["optimizer"] == opt and r["K"] == k])) for k in config.ks])
-    p2 = report.plot_curves(os.path.join(out_dir, "divergence.png"), {k: ([np.log2(x) for x in v[0]], v[1]) for k, v in curves.items()},
-                            xlabel="log2 K (local steps between averages)", ylabel="relative distance to gradient averaging", logy=False,
+    p2 = report.plot_curves(os.path.join(out_dir, "divergence.png"),
+                            {o: (list(np.log2(config.ks)), [float(np.mean([r["rel_dist"] for r in sel(o, k)])) for k in config.ks]) for o in opts},
+                            xlabel="log2 K (local steps between averages)", ylabel="relative distance to gradient averaging",
                             title="Local SGD vs gradient averaging")
-    results = {"experiment": NAME, "config": to_dict(config), "divergence": div, "interpolation": pairs, "soups": soup,
+    results = {"experiment": NAME, "config": to_dict(config), "divergence": div, "interpolation": pairs, "soups": soup_runs,
                "two_process": dist, "device_kind": jax.devices()[0].device_kind, "wall_time_s": time.perf_counter() - t0,
                "plots": [os.path.basename(p1), os.path.basename(p2)]}
     report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": [p1, p2]}
 
 
-def main(argv=None):
-    experiment_main(argv, PRESETS, NAME, __doc__, run)
+def main(argv=None) -> int:
+    return experiment_main(argv, sys.modules[__name__])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,13 +1,17 @@
-"""Run every experiment at one preset (default ``tiny``) and write ``results/REPORT.md``.
+"""Run every experiment at one preset (default ``tiny``) and write ``results/<preset>/REPORT.md``.
 
     python experiments/reproduce.py                 # all experiments, tiny presets, CPU
     python experiments/reproduce.py --only train_baseline
     python experiments/reproduce.py --preset paper  # GPU/TPU: the papers' settings
     python experiments/reproduce.py --preset smoke  # seconds: checks the install end to end
 
-An experiment is any ``experiments/<name>.py`` defining ``PRESETS``, ``run(config, out_dir,
-progress)`` (returning ``{'results', 'table', 'plots'}``) and ``ORDER`` (its place in the
-report); no list to maintain here.
+Outputs go to ``results/<preset>/`` (``--results`` to change). Each experiment resumes:
+kill this command at any moment and run it again to finish without redoing finished units;
+a directory holding another config is refused in one line (``--overwrite`` replaces it).
+
+An experiment is any ``experiments/<name>.py`` defining ``NAME``, ``PRESETS``, ``run(config,
+out_dir, progress)`` (returning ``{'results', 'table', 'plots'}``) and ``ORDER`` (its place in
+the report); no list to maintain here.
 """
 
 from __future__ import annotations
@@ -15,44 +19,59 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib
+import importlib.util
 import os
 import sys
 import time
 
+import jax
+
+from mergejax.cli import quiet_libraries, run_entry_point
+from mergejax.config import choose_preset
+from mergejax.errors import UserError
+from mergejax.experiment import run_experiment
+from mergejax.run import enable_compilation_cache
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-
-import jax  # noqa: E402
-
-from mergejax.config import choose_preset  # noqa: E402
-from mergejax.run import enable_compilation_cache  # noqa: E402
 
 
 def discover():
+    """The experiment modules of this folder, in report order."""
     mods = []
     for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
         name = os.path.splitext(os.path.basename(path))[0]
         if name in ("reproduce", "__init__"):
             continue
-        mod = importlib.import_module(name)
-        if all(hasattr(mod, a) for a in ("PRESETS", "run", "ORDER")):
+        spec = importlib.util.spec_from_file_location(f"mergejax_experiments.{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        if all(hasattr(mod, a) for a in ("NAME", "PRESETS", "run", "ORDER")):
             mods.append(mod)
     return sorted(mods, key=lambda m: m.ORDER)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_entry_point(_main, argv, debug="--debug" in argv)
+
+
+def _main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--only", action="append", default=[], help="run only this experiment (repeatable)")
-    p.add_argument("--results", default="results", help="root directory for all outputs")
+    p.add_argument("--results", default=None, help="root directory for all outputs (default results/<preset>)")
+    p.add_argument("--overwrite", action="store_true", help="replace experiment directories that hold another config")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     args = p.parse_args(argv)
+    args.results = args.results or os.path.join("results", args.preset)
+    quiet_libraries()
     mods = discover()
     if args.only:
         unknown = set(args.only) - {m.NAME for m in mods}
         if unknown:
-            raise SystemExit(f"unknown experiment(s) {sorted(unknown)}; available: {', '.join(m.NAME for m in mods)}")
+            raise UserError(f"unknown experiment(s) {sorted(unknown)}; available: {', '.join(m.NAME for m in mods)}")
         mods = [m for m in mods if m.NAME in args.only]
     cache = enable_compilation_cache()  # $MERGEJAX_COMPILATION_CACHE, default ~/.cache/mergejax/xla; "off" disables
     warm = len(os.listdir(cache)) if cache else 0
@@ -62,7 +81,8 @@ def main(argv=None):
         out_dir = os.path.join(args.results, mod.NAME)
         print(f"== {mod.NAME} ({args.preset}) -> {out_dir}", flush=True)
         t0 = time.perf_counter()
-        out = mod.run(choose_preset(mod.PRESETS, args.preset), out_dir, not args.quiet)
+        out = run_experiment(mod, choose_preset(mod.PRESETS, args.preset), out_dir, progress=not args.quiet,
+                             overwrite=args.overwrite, preset=args.preset)
         took = time.perf_counter() - t0
         timings[mod.NAME] = took
         links = "\n".join(f"![{os.path.basename(p)}]({os.path.relpath(p, args.results)})" for p in out["plots"])
@@ -78,10 +98,13 @@ def main(argv=None):
               + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ".\n")
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, "REPORT.md")
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         f.write("\n".join([header, *sections]))
+    os.replace(tmp, path)
     print(f"wrote {path} ({total:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

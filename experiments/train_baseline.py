@@ -3,6 +3,9 @@
     python experiments/train_baseline.py                      # tiny: small CNN on digits, CPU, ~1 min
     python experiments/train_baseline.py --preset paper       # ResNet-20 on CIFAR-10 (He et al. 2016)
     python experiments/train_baseline.py --set train.lr=0.05 --set seeds=(0,1,2)
+
+Each seed is a resumable unit (``units/seed<k>``): checkpoints every ``checkpoint_every``
+steps, the finished summary kept on disk.
 """
 
 from __future__ import annotations
@@ -11,14 +14,13 @@ import dataclasses
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from mergejax import report  # noqa: E402
-from mergejax.config import TrainConfig, experiment_main, to_dict  # noqa: E402
-from mergejax.run import train_and_evaluate  # noqa: E402
+from mergejax import report
+from mergejax.config import TrainConfig, to_dict
+from mergejax.experiment import experiment_main, unit
+from mergejax.run import train_and_evaluate
 
 NAME = "train_baseline"
-ORDER = 0  # place in results/REPORT.md
+ORDER = 0  # place in results/<preset>/REPORT.md
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,22 +45,29 @@ def paper() -> BaselineConfig:
 def smoke() -> BaselineConfig:
     """Seconds: checks the pipeline end to end (CI), not the method."""
     return BaselineConfig(TrainConfig(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, steps=20,
-                                      lr=0.1, log_every=10))
+                                      lr=0.1, log_every=10, checkpoint_every=5))
 
 
 PRESETS = {"tiny": tiny, "digits": tiny, "paper": paper, "smoke": smoke}
+
+
+def train_unit(cfg: TrainConfig, progress: bool):
+    """A unit body: train ``cfg`` in ``workdir/fit`` (resumable), return the summary."""
+    def fn(workdir):
+        _, summary = train_and_evaluate(cfg, os.path.join(workdir, "fit"), progress=progress)
+        return summary
+    return fn
 
 
 def run(config: BaselineConfig, out_dir: str, progress: bool = True) -> dict:
     runs = []
     for seed in config.seeds:
         cfg = dataclasses.replace(config.train, seed=seed)
-        _, summary = train_and_evaluate(cfg, os.path.join(out_dir, f"seed{seed}"), progress=progress)
-        runs.append({"seed": seed, **summary})
+        runs.append({"seed": seed, **unit(out_dir, f"seed{seed}", cfg, train_unit(cfg, progress))})
     rows = [{k: r[k] for k in ("seed", "test_accuracy", "test_loss", "steps", "wall_time_s")} for r in runs]
     acc = report.mean_std([r["test_accuracy"] for r in runs])
-    table = f"Model `{config.train.model}` on `{config.train.dataset}`; test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} over {acc['n']} seed(s).\n\n"
-    table += report.markdown_table(rows)
+    table = (f"Model `{config.train.model}` on `{config.train.dataset}`; test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} "
+             f"over {acc['n']} seed(s).\n\n") + report.markdown_table(rows)
     curves = {}
     for r in runs:
         test = [h for h in r["history"] if h["split"] == "test"]
@@ -67,21 +76,15 @@ def run(config: BaselineConfig, out_dir: str, progress: bool = True) -> dict:
         curves[f"test loss (seed {r['seed']})"] = ([h["step"] for h in test], [h["loss"] for h in test])
     plot = report.plot_curves(os.path.join(out_dir, "curves.png"), curves, xlabel="step", ylabel="cross-entropy (nats)", logy=True,
                               title=f"{config.train.model} on {config.train.dataset}")
-    results = {
-        "experiment": NAME,
-        "config": to_dict(config),
-        "test_accuracy": acc,
-        "runs": runs,
-        "device_kind": runs[0]["device_kind"],
-        "plots": [os.path.basename(plot)],
-    }
+    results = {"experiment": NAME, "config": to_dict(config), "test_accuracy": acc, "runs": runs,
+               "device_kind": runs[0]["device_kind"], "plots": [os.path.basename(plot)]}
     report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": [plot]}
 
 
-def main(argv=None):
-    experiment_main(argv, PRESETS, NAME, __doc__, run)
+def main(argv=None) -> int:
+    return experiment_main(argv, sys.modules[__name__])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

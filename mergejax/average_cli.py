@@ -5,16 +5,19 @@
     mergejax average A B --align A --model cnn --out aligned/          # weight matching first
     mergejax average A B --recompute-bn digits --model cnn --out avg/  # SWA-style BN pass
 
-A CKPT is any of: a ``fit`` work directory (its latest ``checkpoints/<step>``), a
-``checkpoints`` directory, one ``checkpoints/<step>`` directory, a
-:func:`mergejax.checkpoint.save` path, or the output of this command. Only ``params`` and
-``batch_stats`` are read (``opt_state`` is skipped on disk). Memory: the running mean plus one
-checkpoint (plus the reference with ``--align``), whatever the number of inputs. Every input
-is read in the first input's dtypes (structure and shapes must match; errors name the leaf).
+A CKPT is anything :func:`mergejax.checkpoint.resolve` accepts: a ``fit`` work directory (its
+newest intact ``checkpoints/<step>``), a ``checkpoints`` directory, one step directory, a
+:func:`mergejax.checkpoint.save` path, or the output of this command. Every input is verified
+against its ``checksums.json``. Only ``params`` and ``batch_stats`` are read (``opt_state`` is
+skipped on disk). Memory: the running mean plus one checkpoint (plus the reference with
+``--align``), whatever the number of inputs. Every input is read in the first input's dtypes
+(structure and shapes must match; errors name the leaf and both shapes).
 
 Output ``DIR``: ``DIR/checkpoint`` (``{'params', 'batch_stats'}``, readable with
-``mergejax.checkpoint.load``) and ``DIR/average.json``; built in a temporary sibling and
-renamed into place, so ``DIR`` is either absent or complete. Inputs are only read.
+``mergejax.checkpoint.load``), ``DIR/average.json`` and ``DIR/manifest.json`` (what was
+averaged, for refusing a different request into the same ``DIR``); built in a temporary
+sibling and renamed into place, so ``DIR`` is either absent or complete. Inputs are only read;
+an ``--out`` inside (or containing) an input is refused.
 """
 
 from __future__ import annotations
@@ -31,94 +34,51 @@ from typing import Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from mergejax import averaging
+from mergejax import averaging, rundir
 from mergejax import checkpoint as ckpt_lib
+from mergejax.errors import ConfigMismatch
 
 KEYS = ("params", "batch_stats")
 
 
-def _is_item(d: str) -> bool:
-    return os.path.isfile(os.path.join(d, "_METADATA"))
-
-
-def _latest_step_dir(d: str) -> str | None:
-    steps = [int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n))]
-    return os.path.join(d, str(max(steps))) if steps else None
-
-
-def resolve(path: str) -> str:
-    """The orbax item directory holding the checkpoint that ``path`` names (see module doc)."""
-    d = os.path.abspath(path)
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
-    for cand in (d, os.path.join(d, "default"), os.path.join(d, "checkpoint")):
-        if _is_item(cand):
-            return cand
-    for sub in (os.path.join(d, "checkpoints"), d):
-        if os.path.isdir(sub) and (step := _latest_step_dir(sub)) is not None:
-            return resolve(step)
-    raise FileNotFoundError(f"{path} is not a checkpoint, a checkpoints/ directory or a fit work directory")
-
-
-def _stored_shapes(item: str) -> dict[tuple, tuple] | None:
-    """``{path: shape}`` from the item's ``_METADATA`` JSON (cheap: no tensorstore opens), or
-    None if the file is not in the expected format."""
-    try:
-        with open(os.path.join(item, "_METADATA")) as f:
-            meta = json.load(f)["tree_metadata"]
-        return {tuple(str(k["key"]) for k in m["key_metadata"]): tuple(m["value_metadata"]["write_shape"]) for m in meta.values()}
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _keystr(path: tuple) -> str:
-    return "".join(f"[{k!r}]" for k in path)
-
-
-def _check_stored(item: str, target: dict, path: str) -> None:
-    """Raise ``ValueError`` naming the first leaf whose presence or shape on disk differs from
-    ``target`` (a tree of ``ShapeDtypeStruct``)."""
-    stored = _stored_shapes(item)
-    if stored is None:
-        return
-    want = {tuple(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
-    for p, shape in want.items():
-        if p not in stored:
-            raise ValueError(f"checkpoint {path} has no leaf {_keystr(p)} (the first checkpoint has one of shape {shape})")
-        if tuple(stored[p]) != shape:
-            raise ValueError(f"checkpoint {path} has leaf {_keystr(p)} of shape {tuple(stored[p])}, the first has {shape}")
-    extra = sorted(p for p in stored if p[0] in target and p not in want)
-    if extra:
-        raise ValueError(f"checkpoint {path} has leaf {_keystr(extra[0])} that the first checkpoint does not have")
-
-
-def load_variables(path: str, keys: Sequence[str] = KEYS, *, target: dict | None = None, ckptr=None) -> dict:
+def load_variables(path: str, keys: Sequence[str] = KEYS, *, target: dict | None = None, ckptr=None,
+                   other: str = "the target") -> dict:
     """``{'params', 'batch_stats'}`` of the checkpoint at ``path`` (other entries not read).
 
-    ``target`` (a tree of ``jax.ShapeDtypeStruct``, e.g. from :func:`abstract`) skips orbax's
-    metadata read, which costs ~1.6 MB of memory that is never returned (orbax 0.12.8) — so a
-    stream over N checkpoints reads it once. Structure and shapes are still checked against the
-    stored ``_METADATA``; values are cast to ``target``'s dtypes. ``ckptr``: a reusable
+    The checkpoint's files are verified first (:func:`mergejax.checkpoint.verify`). ``target``
+    (a tree of ``jax.ShapeDtypeStruct``, e.g. from :func:`abstract`) skips orbax's metadata
+    read, which costs ~1.6 MB of memory that is never returned (orbax 0.12.8) — so a stream
+    over N checkpoints reads it once. Structure and shapes are still checked against the
+    stored per-leaf shapes (``checksums.json``, else ``_METADATA``; the error names the leaf,
+    both shapes and ``other``); values are cast to ``target``'s dtypes. ``ckptr``: a reusable
     ``ocp.PyTreeCheckpointer``.
     """
-    item = resolve(path)
+    item = ckpt_lib.resolve(path)
+    ckpt_lib.verify(item)
     own = ckptr is None
     ckptr = ocp.PyTreeCheckpointer() if own else ckptr
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
         if target is None:
-            tree = ckptr.metadata(item).item_metadata.tree
+            try:
+                tree = ckptr.metadata(item).item_metadata.tree
+            except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged file
+                raise ckpt_lib.unreadable(path, e) from e
             if "params" not in tree:
-                raise ValueError(f"checkpoint {path} has no 'params' (top-level keys: {sorted(tree)})")
+                raise ckpt_lib.CheckpointMismatch(f"checkpoint {path} has no 'params' (top-level keys: {sorted(tree)})")
             target = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[k]) for k in keys if k in tree}
         else:
-            _check_stored(item, target, path)
+            ckpt_lib.check_leaves(item, target, name=f"checkpoint {path}", other=other, partial=True)
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), target)
         restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=dev), target)
-        out = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+        try:
+            out = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+        except Exception as e:  # noqa: BLE001
+            raise ckpt_lib.unreadable(path, e) from e
     finally:
         if own:
             ckptr.close()
+    ckpt_lib.check_leaf_hashes(item, out)
     return {k: out.get(k, {}) for k in keys}
 
 
@@ -136,10 +96,24 @@ def _model_for(name: str, variables: dict, model_kw: dict | None):
     return make_model(name, int(head["bias"].shape[0]), **(model_kw or {}))
 
 
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[float] | None = None, align: str | None = None,
                         model: str | None = None, model_kw: dict | None = None, recompute_bn: str | None = None,
                         bn_batch_size: int = 128, overwrite: bool = False) -> dict:
-    """Average the checkpoints at ``paths`` into ``out`` (see module doc); returns the summary."""
+    """Average the checkpoints at ``paths`` into ``out`` (see module doc); returns the summary.
+
+    ``out`` gets a ``manifest.json`` (kind ``average``, these arguments, fingerprints of the
+    inputs): the same request again returns the stored summary; a different one is refused
+    (:class:`~mergejax.errors.ConfigMismatch`) unless ``overwrite``. An ``out`` that is,
+    is inside or contains an input is refused.
+    """
     t0 = time.perf_counter()
     if not paths:
         raise ValueError("no checkpoints to average")
@@ -148,12 +122,26 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
     if (align or recompute_bn) and not model:
         raise ValueError("--align and --recompute-bn need --model (the architecture, e.g. cnn, resnet20)")
     out = os.path.abspath(out)
-    for p in paths:
-        if os.path.abspath(p) == out or os.path.abspath(resolve(p)).startswith(out + os.sep):
-            raise ValueError(f"--out {out} would overwrite input {p}")
+    ckpt_lib.refuse_overlap(out, {str(i + 1): p for i, p in enumerate(paths)} | ({"--align": align} if align else {}))
+    resolved = [ckpt_lib.resolve(p) for p in paths]
+    inputs = {str(i): rundir.fingerprint_path(r) for i, r in enumerate(resolved)}
+    if align:
+        inputs["align"] = rundir.fingerprint_path(ckpt_lib.resolve(align))
+    config = {"weights": [float(w) for w in weights] if weights else None, "align": bool(align), "model": model,
+              "model_kw": model_kw or {}, "recompute_bn": recompute_bn, "bn_batch_size": bn_batch_size if recompute_bn else None}
+    manifest = rundir.make_manifest("average", config, inputs)
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
-    resolved = [resolve(p) for p in paths]
+        stored = _read_json(os.path.join(out, rundir.MANIFEST))
+        if stored is None:
+            raise ConfigMismatch(f"{out} exists and was not written by mergejax average (no {rundir.MANIFEST}); "
+                                 f"use another --out, or --overwrite to replace it")
+        diff = rundir.differences(stored, manifest)
+        if diff:
+            raise ConfigMismatch(f"{out} holds a different average: {'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}. "
+                                 f"Use another --out, or --overwrite to replace it")
+        done = _read_json(os.path.join(out, "average.json"))
+        if done is not None:
+            return done
     ref = spec = net = None
     if align:
         from mergejax.units import unit_spec, variables_of
@@ -164,29 +152,25 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
     state = None
     target = None
     ckptr = ocp.PyTreeCheckpointer()
-    for i, p in enumerate(paths):
-        try:
-            v = load_variables(p, target=target, ckptr=ckptr)
-        except ValueError as e:
-            ckptr.close()
-            raise ValueError(f"checkpoint {p} does not match {paths[0]}: {e}") from None
-        target = target or abstract(v)
-        if ref is not None:
-            from mergejax.rebasin import weight_matching
-            from mergejax.units import take_units
+    try:
+        for i, p in enumerate(paths):
+            v = load_variables(p, target=target, ckptr=ckptr, other=paths[0])
+            target = target or abstract(v)
+            if ref is not None:
+                from mergejax.rebasin import weight_matching
+                from mergejax.units import take_units
 
-            averaging.check_compatible(ref, v, ("the reference", f"checkpoint {p}"))
-            v = take_units(v, spec, weight_matching(spec, ref, v))
-        w = 1.0 if weights is None else float(weights[i])
-        if state is None:
-            state = averaging.stream_init(v, w)
-        else:
-            try:
+                _same(ref, v, ("the reference", f"checkpoint {p}"))
+                v = take_units(v, spec, weight_matching(spec, ref, v))
+            w = 1.0 if weights is None else float(weights[i])
+            if state is None:
+                state = averaging.stream_init(v, w)
+            else:
+                _same(state.mean, v, (paths[0], f"checkpoint {p}"))
                 state = averaging.stream_add(state, v, w)
-            except ValueError as e:
-                raise ValueError(f"checkpoint {p} does not match {paths[0]}: {e}") from None
-        del v
-    ckptr.close()
+            del v
+    finally:
+        ckptr.close()
     result = state.mean
     if recompute_bn:
         from mergejax import data as data_lib
@@ -205,13 +189,21 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
         os.makedirs(tmp)
         ckpt_lib.save(os.path.join(tmp, "checkpoint"), result)
         summary["wall_time_s"] = time.perf_counter() - t0
-        with open(os.path.join(tmp, "average.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        rundir.write_json(os.path.join(tmp, "average.json"), summary)
+        rundir.write_json(os.path.join(tmp, rundir.MANIFEST), manifest)
         ckpt_lib.replace_dir(tmp, out)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     return summary
+
+
+def _same(a: dict, b: dict, names: tuple[str, str]) -> None:
+    """:func:`averaging.check_compatible` as a one-line :class:`CheckpointMismatch`."""
+    try:
+        averaging.check_compatible(a, b, names)
+    except ValueError as e:
+        raise ckpt_lib.CheckpointMismatch(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,9 @@
-"""``mergejax`` command line: ``mergejax COMMAND [args]``.
+"""``mergejax COMMAND [args]``: the command-line tools.
 
-Each command is ``name -> "module:function"``, imported only when used; the function takes
-the remaining argv. Add a command by adding a line here.
+Each command is ``name -> "module:function"``, imported only when used (``mergejax --help``
+imports no jax); the function takes the remaining argv. User errors (unknown key, dataset or
+model, a mismatch, an existing or locked ``--out``, a missing path) print one line and exit
+with status 2; ``--debug`` anywhere on the line shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ COMMANDS = {
     "train": ("mergejax.cli:train", "train one model from a TrainConfig preset or overrides"),
     "average": ("mergejax.average_cli:main", "average checkpoints (streaming; --weights, --align, --recompute-bn)"),
     "merge": ("mergejax.merge_cli:main", "merge two trained networks (concat, gates, compress, fine-tune)"),
+    "prepare": ("mergejax.prepare_cli:main", "download and convert a dataset ahead of time"),
 }
+
+USAGE_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def train(argv):
@@ -23,37 +28,77 @@ def train(argv):
     import os
 
     from mergejax.config import TrainConfig, override, to_dict
-    from mergejax.run import train_and_evaluate
 
     p = argparse.ArgumentParser(prog="mergejax train", description=train.__doc__)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="TrainConfig field, e.g. --set model=resnet20 --set dataset=cifar10")
     p.add_argument("--out", required=True, help="work directory: checkpoints/, metrics.jsonl, summary.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     config = override(TrainConfig(), args.overrides)
-    _, summary = train_and_evaluate(config, args.out, progress=not args.quiet)
+    from mergejax import rundir
+    from mergejax.run import train_and_evaluate
+
+    _, summary = train_and_evaluate(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
     summary = {k: v for k, v in summary.items() if k != "history"} | {"config": to_dict(config)}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    rundir.write_json(os.path.join(args.out, "summary.json"), summary)
     print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_loss", "steps", "wall_time_s")}))
+
+
+def run_entry_point(fn, argv, *, debug: bool) -> int:
+    """Call ``fn(argv)`` as a command: user errors become one line on stderr and status 2."""
+    from mergejax.errors import UserError
+
+    try:
+        return int(fn(argv) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (UserError, *USAGE_ERRORS) as e:
+        if debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {' '.join(str(msg).split())} (--debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def quiet_libraries() -> None:
+    """Silence absl/orbax/tensorstore chatter (entry points only)."""
+    import logging
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+    for name in ("absl", "orbax", "orbax.checkpoint", "jax._src.xla_bridge", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from mergejax.checkpoint import quiet_logging
+
+    quiet_logging()
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()]
-        print("usage: mergejax COMMAND [args]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: mergejax COMMAND [args] [--debug]\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    quiet_libraries()
     from mergejax.run import enable_compilation_cache
 
     enable_compilation_cache()
     module, func = COMMANDS[argv[0]][0].split(":")
-    result = getattr(importlib.import_module(module), func)(argv[1:])
-    return int(result or 0)
+    return run_entry_point(getattr(importlib.import_module(module), func), argv[1:], debug=debug)
 
 
 if __name__ == "__main__":

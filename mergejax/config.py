@@ -99,33 +99,3 @@ def choose_preset(presets: Mapping[str, Callable[[], Any]], name: str) -> Any:
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(presets)}")
     return presets[name]()
-
-
-def experiment_args(argv: Sequence[str] | None, presets: Mapping[str, Callable[[], Any]], name: str, description: str = ""):
-    """Parse ``--preset NAME --set key=value ... --out DIR --quiet`` for an experiment.
-
-    Returns ``(config, out_dir, progress, preset_name)``. ``out_dir`` defaults to ``results/<name>``.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description)
-    parser.add_argument("--preset", default="tiny", help=f"one of: {', '.join(presets)} (default tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.lr=0.05 (repeatable)")
-    parser.add_argument("--out", default=None, help=f"output directory (default results/{name})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    config = override(choose_preset(presets, args.preset), args.overrides)
-    return config, args.out or f"results/{name}", not args.quiet, args.preset
-
-
-def experiment_main(argv: Sequence[str] | None, presets: Mapping[str, Callable[[], Any]], name: str, doc: str, run: Callable) -> dict:
-    """The whole ``main()`` of an experiment script: parse, ``run(config, out_dir, progress)``, print the table."""
-    from mergejax.run import enable_compilation_cache
-
-    config, out_dir, progress, _ = experiment_args(argv, presets, name, doc)
-    enable_compilation_cache()
-    out = run(config, out_dir, progress)
-    print(out["table"])
-    print(f"wrote {out_dir}/results.json")
-    return out

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax.errors import UserError
+
 # Per-channel mean / std of the *training* split, pixel values in [0, 1].
 # CIFAR numbers: the values used by the He et al. / Zagoruyko reference code.
 _STATS = {
@@ -75,7 +77,10 @@ def load(name: str, split: str, *, data_dir: str | None = None, download: bool =
 
     ``digits`` is scikit-learn's bundled 8x8 digits (offline); the others are read
     through ``tfds.data_source`` (no TensorFlow needed to read) and cached as ``.npz``
-    under ``data_dir/npz`` after the first load.
+    under ``data_dir/npz`` after the first load. A TFDS dataset that is not prepared under
+    ``data_dir/tfds`` is downloaded and converted (``download=True``; needs network and
+    TensorFlow, see ``mergejax prepare``); when it cannot be, :class:`~mergejax.errors.UserError`
+    with a one-line message saying how to prepare it.
     """
     _check_name(name)
     if split not in splits_of(name):
@@ -102,19 +107,12 @@ def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tfds_numpy(name: str, split: str, data_dir: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    cache = os.path.join(data_dir, "npz", f"{name}-{split}.npz")
+    cache = npz_path(name, split, data_dir)
     if os.path.exists(cache):
         with np.load(cache) as f:
             return f["images"], f["labels"]
-    import tensorflow_datasets as tfds
-
-    source = tfds.data_source(
-        name,
-        split=split,
-        data_dir=os.path.join(data_dir, "tfds"),
-        download=download,
-        builder_kwargs={"file_format": "array_record"},
-    )
+    builder = _tfds_builder(name, data_dir, download)
+    source = builder.as_data_source(split=split)
     # One record at a time: a one-off cost before the npz cache, and the batched
     # ``__getitems__`` is broken under ``tfds.testing.mock_data`` (tfds 4.9.10).
     rows = [source[i] for i in range(len(source))]
@@ -125,6 +123,128 @@ def _tfds_numpy(name: str, split: str, data_dir: str, download: bool) -> tuple[n
     np.savez(tmp, images=images, labels=labels)
     os.replace(tmp, cache)
     return images, labels
+
+
+def npz_path(name: str, split: str, data_dir: str | None = None) -> str:
+    """Where :func:`load` caches a TFDS split as uint8 ``images`` and int32 ``labels``."""
+    return os.path.join(data_dir or default_data_dir(), "npz", f"{name}-{split}.npz")
+
+
+def prepare_split(name: str, split: str, *, data_dir: str | None = None, download: bool = True) -> tuple[str, int, tuple]:
+    """Make sure :func:`load` can read ``name``/``split`` offline: download and convert it with
+    TFDS if needed, then write its ``.npz`` cache (what ``load`` does, without normalising a
+    float32 copy). Returns ``(npz path, number of examples, image shape)``."""
+    _check_name(name)
+    if name == "digits" or split not in splits_of(name):
+        raise ValueError(f"nothing to prepare for {name!r} split {split!r}; TFDS datasets: {', '.join(_TFDS_SPLITS)}")
+    data_dir = data_dir or default_data_dir()
+    images, _ = _tfds_numpy(name, split, data_dir, download)
+    return npz_path(name, split, data_dir), len(images), tuple(images.shape[1:])
+
+
+def _tfds_builder(name: str, data_dir: str, download: bool):
+    """The TFDS builder of ``name`` under ``data_dir/tfds``, prepared (ArrayRecord files).
+
+    Prepared files are looked for first; only then, and only if ``download``, is the dataset
+    downloaded and converted. An unprepared dataset that cannot be downloaded is a one-line
+    :class:`UserError` within seconds: the download hosts are probed (one TCP connection
+    each) before TFDS is asked, whose own retries take minutes to give up.
+    """
+    import tensorflow_datasets as tfds
+
+    tfds_dir = os.path.join(data_dir, "tfds")
+    builder = tfds.builder(name, data_dir=tfds_dir, file_format="array_record")
+    if builder.is_prepared():
+        return builder
+
+    def offline(reason: str) -> UserError:
+        return UserError(
+            f"dataset {name!r} is not prepared in {data_dir} (no {builder.data_dir}) and cannot be "
+            f"downloaded ({_one_line(reason)}): run `mergejax prepare {name}` on a machine with "
+            f"network and copy its data dir here, or point MERGEJAX_DATA (or --data-dir) at a "
+            f"data dir where it is prepared"
+        )
+
+    if not download:
+        raise offline("download=False")
+    # Only TFDS's own download_and_prepare needs the network; tfds.testing.mock_data swaps in one
+    # that does not.
+    real = type(builder).download_and_prepare.__module__.startswith("tensorflow_datasets.core")
+    if real and (problem := _network_problem(_urls_to_download(builder, tfds_dir))):
+        raise offline(f"no network: {problem}")
+    import requests
+    from tensorflow_datasets.core.download.util import DownloadError
+
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except (requests.RequestException, DownloadError, ConnectionError, TimeoutError) as e:
+        raise offline(f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # TFDS wraps a missing TensorFlow, e.g. in an ExtractError
+        if not _missing_tensorflow(e):
+            raise
+        raise UserError(
+            f"preparing dataset {name!r} (converting the download into {builder.data_dir}) needs "
+            f"TensorFlow, which is not installed: pip install 'mergejax[prepare]' and run again "
+            f"(downloads are kept; reading a prepared dataset does not need TensorFlow)"
+        ) from e
+    return builder
+
+
+def _missing_tensorflow(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it was raised from is "No module named 'tensorflow'"."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "tensorflow":
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _urls_to_download(builder, tfds_dir: str) -> list[str]:
+    """The dataset's registered download URLs whose files are not already on disk (in TFDS's
+    download cache, ``tfds_dir/downloads[/NAME]``, or placed by hand in ``downloads/manual``)."""
+    from tensorflow_datasets.core.download import resource
+
+    downloads = os.path.join(tfds_dir, "downloads")
+    missing = []
+    for url, info in sorted((builder.url_infos or {}).items()):
+        fname = resource.get_dl_fname(url, info.checksum)
+        found = any(os.path.exists(os.path.join(d, fname)) for d in (downloads, os.path.join(downloads, builder.name)))
+        if not found and info.filename:
+            found = os.path.exists(os.path.join(downloads, "manual", info.filename))
+        if not found:
+            missing.append(url)
+    return missing
+
+
+def _network_problem(urls: list[str], timeout: float = 5.0) -> str | None:
+    """Why the hosts of ``urls`` (or the HTTP(S) proxy that would carry them) cannot be
+    reached, or None. One TCP connection per host, at most ``timeout`` seconds each."""
+    import socket
+    import urllib.parse
+
+    import requests.utils
+
+    tried = set()
+    for url in urls:
+        proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+        target = urllib.parse.urlsplit(proxy if proxy else url)
+        port = target.port or (443 if target.scheme == "https" else 80)
+        if not target.hostname or (target.hostname, port) in tried:
+            continue
+        tried.add((target.hostname, port))
+        try:
+            socket.create_connection((target.hostname, port), timeout=timeout).close()
+        except OSError as e:
+            via = " (the proxy)" if proxy else ""
+            return f"cannot connect to {target.hostname}:{port}{via}: {e}"
+    return None
 
 
 def augment_cifar(rng: jax.Array, images: jax.Array, pad: int = 4) -> jax.Array:

@@ -26,6 +26,9 @@ The pieces:
 * :func:`compile_stages` (jit + lower + compile every stage once, FLOPs from XLA's cost
   analysis), :func:`predict_saving`, :func:`cost_report` and :func:`staged_step_fn` (a
   ``fit``-compatible ``step_fn`` that switches to the right compiled stage on the host).
+* :func:`train_and_evaluate`: one timed, resumable FreezeOut training from a ``TrainConfig``
+  (``t0 = 1``: the no-freeze baseline), and :func:`compare_with_baselines`: each run's saving
+  against the baselines timed before and after it (drift correction on a shared machine).
 
 Grouping (``max_stages``): with fewer compiled stages than layers, the static prefix grows
 only when the last layer of a group freezes; a layer frozen earlier inside its group is held
@@ -47,7 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mergejax import data as data_lib
 from mergejax import train as train_lib
+from mergejax.models import make_model
+from mergejax.run import num_steps
 
 Params = Any
 SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}
@@ -343,3 +349,129 @@ def staged_step_fn(plan: FreezeOutPlan, steps: Mapping[int, Callable] | None = N
         return cache[k](state, batch, rng)
 
     return step_fn
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _timed(step_fn: Callable, num_steps: int) -> tuple[Callable, Callable, dict]:
+    """``(step_fn, callback, record)`` for ``fit``: ``record`` gets ``first_step`` and, once step
+    ``num_steps`` has finished on the device, ``wall_s``/``cpu_s`` (process CPU time) of the
+    loop from its first step: this call's steps only, without fit's setup or final checkpoint."""
+    record: dict = {}
+
+    def step(state, batch, rng):
+        if not record:
+            record.update(first_step=int(state.step), t=time.perf_counter(), c=time.process_time())
+        return step_fn(state, batch, rng)
+
+    def callback(done, state):
+        if done == num_steps:
+            jax.block_until_ready(state.params)
+            record.update(wall_s=time.perf_counter() - record.pop("t"), cpu_s=time.process_time() - record.pop("c"))
+
+    return step, callback, record
+
+
+def train_and_evaluate(config, *, t0: float = 0.8, spacing: str = "cubic", scaled: bool = True, max_stages: int | None = None,
+                       workdir: str | None = None, repeats: int = 1, manifest: Mapping | None = None,
+                       progress: bool = False, stages: dict | None = None) -> dict:
+    """Train ``config`` (a :class:`~mergejax.config.TrainConfig`; ``lr`` is alpha(0), its
+    ``schedule`` is unused) with FreezeOut, evaluate on the test split; ``t0 = 1`` is the
+    no-freeze baseline (one stage). Returns a JSON-able summary.
+
+    Every stage is compiled first (timed: with the persistent compilation cache on, a cache
+    load). The first training runs in ``workdir`` (checkpoints every ``config.checkpoint_every``
+    steps, resumes after a kill; ``manifest`` goes to its manifest); ``repeats - 1`` identical
+    trainings follow, for timing only. ``train_s``/``cpu_s``: the minimum over the repeats that
+    ran from step 0 of the training loop's wall/process-CPU seconds (compile excluded); when
+    only a resumed one exists, its time (steps from ``timed_from_step`` on; ``resumed`` is
+    True), or None when a resume found the training finished. Losses are in nats, savings are fractions.
+
+    ``stages``: an optional dict the caller creates and passes to every run of a sweep; the
+    optimizer and the compiled stages are kept there, keyed by everything they depend on
+    (model, optimizer settings, shapes), and the plan enters as optimizer-state data
+    (:func:`with_plan`), so a sweep traces and compiles each stage once.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    train, test = data_lib.load(config.dataset, "train"), data_lib.load(config.dataset, "test")
+    model = make_model(config.model, train.num_classes, **dict(config.model_kwargs))
+    total, _ = num_steps(config, len(train))
+    plan = make_plan(model.layer_names(), total, lr=config.lr, t0=t0, spacing=spacing, scaled=scaled, max_stages=max_stages)
+    key = (config.dataset, config.model, repr(sorted(dict(config.model_kwargs).items())), config.optimizer, config.momentum,
+           config.nesterov, config.weight_decay, config.grad_clip, config.augment, config.batch_size, total)
+    shared = (stages if stages is not None else {}).setdefault(repr(key), {"steps": {}, "costs": {}})
+    if "tx" not in shared:  # one optimizer object per key: the plan is data in its state
+        base = train_lib.make_optimizer(config.optimizer, 1.0, momentum=config.momentum, nesterov=config.nesterov,
+                                        weight_decay=config.weight_decay, grad_clip=config.grad_clip)
+        shared["tx"] = freezeout_tx(make_plan(model.layer_names(), total, t0=1.0), base)
+    tx = shared["tx"]
+    augment = data_lib.augment_cifar if config.augment else None
+
+    def fresh():
+        state = train_lib.create_state(model, jax.random.key(config.seed), (1, *train.images.shape[1:]), tx, augment_fn=augment)
+        return state.replace(opt_state=with_plan(state.opt_state, plan))
+
+    sample = jax.device_put(next(data_lib.batches(train, config.batch_size, seed=config.seed, remainder=config.remainder)))
+    shared["steps"], shared["costs"] = compile_stages(plan, fresh(), sample, jax.random.key(0), shared["steps"], shared["costs"])
+    used = {0, *(k for _, k in plan.stages)}
+    steps, costs = shared["steps"], {k: c for k, c in shared["costs"].items() if k in used}
+    if progress:
+        print(cost_report(plan, costs), flush=True)
+    loop = dict(num_steps=total, batch_size=config.batch_size, seed=config.seed, log_every=config.log_every,
+                remainder=config.remainder, progress=progress)
+    timings = []
+    for r in range(repeats):
+        step, callback, record = _timed(staged_step_fn(plan, steps), total)
+        kw = dict(workdir=workdir, checkpoint_every=config.checkpoint_every, manifest=manifest) if r == 0 else {}
+        state, history = train_lib.fit(fresh(), train, step_fn=step, callbacks=[callback], **loop, **kw)
+        timings.append(record)
+        if r == 0:
+            final = train_lib.evaluate(state, test, config.eval_batch_size)
+            records = train_lib.read_metrics(workdir) if workdir is not None else history
+            train_loss = [h for h in records if h["split"] == "train"][-1]["loss"]
+    full = [t for t in timings if t.get("first_step") == 0 and "wall_s" in t]
+    timed = full or [t for t in timings if "wall_s" in t]
+    first = timings[0].get("first_step", total)
+    return {
+        "t0": t0, "spacing": spacing, "scaled": scaled, "seed": config.seed, "max_stages": max_stages,
+        "total_steps": total, "stages": len(plan.stages), "stage_prefixes": [k for _, k in plan.stages],
+        "freeze_steps": list(plan.freeze_steps), "predicted_saving": predict_saving(plan, costs)["saving"],
+        "stage_costs": {str(k): c for k, c in sorted(costs.items())},
+        "compile_s": sum(c["compile_s"] for c in costs.values()),
+        "train_s": min(t["wall_s"] for t in timed) if timed else None,
+        "cpu_s": min(t["cpu_s"] for t in timed) if timed else None,
+        "timed_runs": len(timed), "resumed": first > 0, "timed_from_step": first,
+        "test_accuracy": final["accuracy"], "test_loss": final["loss"], "train_loss": train_loss,
+        "device_kind": jax.devices()[0].device_kind,
+    }
+
+
+def compare_with_baselines(runs: Sequence[Mapping], is_baseline: Callable[[Mapping], bool]) -> list[dict]:
+    """Each run compared with the no-freeze baseline at its place in the timing sequence.
+
+    ``runs``: dicts with ``order`` (position in the sequence), ``seed``, ``train_s``, ``cpu_s``
+    and ``compile_s`` (seconds; ``train_s``/``cpu_s`` may be None). A run's reference is the
+    baseline of its seed linearly interpolated between the baselines timed before and after
+    it, which removes the slow drift of a shared machine's speed. Returns copies with
+    ``baseline_ref_s``, ``measured_saving`` (wall), ``cpu_saving`` and
+    ``measured_saving_with_compile`` (fractions; None where a time is missing).
+    """
+    keys = {"baseline_ref_s": lambda r: r["train_s"], "cpu": lambda r: r["cpu_s"],
+            "compile": lambda r: None if r["train_s"] is None else r["train_s"] + r["compile_s"]}
+    out = []
+    for r in runs:
+        base = [b for b in runs if is_baseline(b) and b["seed"] == r["seed"]]
+        ref = {}
+        for name, key in keys.items():
+            known = [b for b in base if key(b) is not None]
+            ref[name] = float(np.interp(r["order"], [b["order"] for b in known], [key(b) for b in known])) if known else None
+
+        def saving(value, reference):
+            return None if value is None or reference is None else 1.0 - value / reference
+
+        out.append({**r, "baseline_ref_s": ref["baseline_ref_s"], "measured_saving": saving(r["train_s"], ref["baseline_ref_s"]),
+                    "cpu_saving": saving(r["cpu_s"], ref["cpu"]),
+                    "measured_saving_with_compile": saving(keys["compile"](r), ref["compile"])})
+    return out

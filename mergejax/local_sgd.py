@@ -17,11 +17,14 @@ nesterov=True)`` with AdamW inside. The optimizer-state ``policy`` at each sync 
 With K = 1, plain SGD, one shared start and equal shards, a round equals one step of
 synchronous gradient averaging (``theta - lr * mean_i g_i = mean_i(theta - lr g_i)``); it
 stops being equal for K > 1, Adam, per-worker clipping or different starting points.
+:func:`train_rounds` runs local SGD on the batch stream ``train.fit`` would see (sharded by
+:func:`shard_steps`) and :func:`divergence` measures its distance to ``fit``'s run.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable
 
 import flax.struct
@@ -32,11 +35,15 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mergejax.train import TrainState, train_step
+from mergejax import data as data_lib
+from mergejax.train import TrainState, evaluate, step_rng, train_step
 
 Params = Any
 AXIS = "data"
 POLICIES = ("keep", "reset", "average")
+# The default outer optimizer (plain averaging). One object, so a jitted round is reused
+# across every state made by ``init`` (``outer_tx`` is a static field of the state).
+FEDAVG = optax.sgd(1.0)
 
 
 @flax.struct.dataclass
@@ -64,7 +71,7 @@ def unstack(tree, i: int) -> Any:
 def init(worker: TrainState | list[TrainState], num_workers: int, outer_tx: optax.GradientTransformation | None = None) -> LocalSGDState:
     """Start ``num_workers`` workers from ``worker`` (one state, copied) or from a list of
     states (e.g. different initialisations; the global weights are then their mean)."""
-    outer_tx = optax.sgd(1.0) if outer_tx is None else outer_tx
+    outer_tx = FEDAVG if outer_tx is None else outer_tx
     if isinstance(worker, (list, tuple)):
         if len(worker) != num_workers:
             raise ValueError(f"got {len(worker)} worker states for {num_workers} workers")
@@ -150,3 +157,64 @@ def worker_batches(stream, num_workers: int, num_local: int) -> dict:
     and arrange them ``(W, K, b, ...)``: worker ``i`` gets batches ``i*K .. i*K+K-1``."""
     got = [next(stream) for _ in range(num_workers * num_local)]
     return {k: np.stack([b[k] for b in got]).reshape(num_workers, num_local, *got[0][k].shape) for k in got[0]}
+
+
+def shard_steps(stream, num_workers: int, num_local: int) -> dict:
+    """Take ``num_local`` global batches of ``W * b`` examples from ``stream`` and split each
+    into ``W`` consecutive shards, arranged ``(W, K, b, ...)``: worker ``i``'s ``k``-th local
+    batch is rows ``i*b .. (i+1)*b - 1`` of global batch ``k``, the shard synchronous data
+    parallelism would give it, so K = 1 rounds see exactly the batches of synchronous steps."""
+    got = [next(stream) for _ in range(num_local)]
+    out = {}
+    for key in got[0]:
+        x = np.stack([g[key] for g in got])  # (K, W*b, ...)
+        if x.shape[1] % num_workers:
+            raise ValueError(f"global batch of {x.shape[1]} examples does not split into {num_workers} workers")
+        out[key] = x.reshape(num_local, num_workers, -1, *x.shape[2:]).swapaxes(0, 1)
+    return out
+
+
+def train_rounds(state: LocalSGDState, split, *, num_steps: int, batch_size: int, num_local: int, seed: int = 0,
+                 round_fn: Callable | None = None) -> tuple[LocalSGDState, list[dict]]:
+    """``num_steps / num_local`` rounds of local SGD on ``split``; returns ``(state, metrics per round)``.
+
+    ``batch_size`` is global (``W * b``): the data stream is ``data.batches(split, batch_size,
+    seed=seed)``, the one ``train.fit(state, split, batch_size=batch_size, seed=seed)`` trains
+    on, sharded by :func:`shard_steps`, so with ``num_local = 1`` and plain SGD the result is
+    ``fit``'s synchronous gradient averaging up to float rounding. Round ``r`` gets the rng
+    ``fold_in(key(seed), r)``. ``round_fn``: a :func:`make_round` (``policy='keep'`` by default);
+    pass one to reuse its compilation across calls.
+    """
+    num_workers = state.workers.step.shape[0]
+    if num_steps % num_local:
+        raise ValueError(f"num_steps={num_steps} is not a multiple of num_local={num_local}")
+    round_fn = make_round(num_workers) if round_fn is None else round_fn
+    stream = data_lib.batches(split, batch_size, seed=seed)
+    base, history = jax.random.key(seed), []
+    for r in range(num_steps // num_local):
+        state, metrics = round_fn(state, shard_steps(stream, num_workers, num_local), step_rng(base, r))
+        history.append(metrics)
+    return state, [jax.tree.map(float, m) for m in jax.device_get(history)]
+
+
+def divergence(start: TrainState, sync: TrainState, split, eval_split, *, num_workers: int, ks, num_steps: int, batch_size: int,
+               seed: int = 0, rounds: dict | None = None) -> list[dict]:
+    """How far local SGD drifts from synchronous gradient averaging on the same batches.
+
+    ``sync``: ``start`` trained by ``fit(start, split, num_steps=..., batch_size=..., seed=...)``
+    (global batches of ``batch_size = W * b``). For each ``K`` in ``ks``, :func:`train_rounds`
+    from ``start`` with ``num_workers`` workers sharding that stream. Returns one row per ``K``:
+    ``param_dist`` (L2 over all params to ``sync``), ``rel_dist`` (``/`` the distance ``sync``
+    moved from ``start``), ``local_acc``/``sync_acc`` (accuracy on ``eval_split``), ``time_s``.
+    ``rounds``: ``{K: make_round(...)}`` to reuse compilations across calls.
+    """
+    dist = lambda a, b: float(optax.global_norm(jax.tree.map(lambda x, y: x - y, a, b)))  # noqa: E731
+    sync_acc, moved, rows = evaluate(sync, eval_split)["accuracy"], dist(sync.params, start.params), []
+    for k in ks:
+        t0 = time.perf_counter()
+        st, _ = train_rounds(init(start, num_workers), split, num_steps=num_steps, batch_size=batch_size, num_local=k, seed=seed,
+                             round_fn=(rounds or {}).get(k))
+        d, acc = dist(st.params, sync.params), evaluate(start.replace(params=st.params), eval_split)["accuracy"]
+        rows.append({"K": k, "param_dist": d, "rel_dist": d / moved, "local_acc": acc, "sync_acc": sync_acc,
+                     "time_s": time.perf_counter() - t0})
+    return rows

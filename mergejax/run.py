@@ -9,10 +9,10 @@ import time
 import jax
 
 from mergejax import data as data_lib
-from mergejax.config import TrainConfig
+from mergejax.config import TrainConfig, to_dict
 from mergejax.models import make_model
 from mergejax.schedules import make_schedule
-from mergejax.train import TrainState, create_state, evaluate, fit, make_optimizer
+from mergejax.train import TrainState, create_state, evaluate, fit, make_optimizer, read_metrics
 
 
 CACHE_ENV = "MERGEJAX_COMPILATION_CACHE"
@@ -93,10 +93,13 @@ def setup(config: TrainConfig, *, train: data_lib.Split | None = None, test: dat
     return Setup(config, model, train, test, total, per_epoch, state)
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | None = None, *, progress: bool = True, setup_: Setup | None = None) -> tuple[TrainState, dict]:
-    """Train per ``config`` (resuming from ``workdir`` if it holds checkpoints) and evaluate.
+def train_and_evaluate(config: TrainConfig, workdir: str | None = None, *, progress: bool = True, setup_: Setup | None = None,
+                       overwrite: bool = False) -> tuple[TrainState, dict]:
+    """Train per ``config`` (resuming ``workdir`` if it holds this config's run) and evaluate.
 
-    Returns ``(state, summary)`` with test accuracy/loss, steps, wall time (s) and history.
+    Returns ``(state, summary)`` with test accuracy/loss, steps, wall time (s, training only,
+    summed over resumes) and the history (the whole ``metrics.jsonl`` when ``workdir`` is set,
+    so a resumed or re-run summary equals an uninterrupted one).
     """
     s = setup_ or setup(config)
     t0 = time.perf_counter()
@@ -104,9 +107,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | None = None, *, progr
         s.state, s.train, num_steps=s.num_steps, batch_size=config.batch_size, seed=config.seed,
         eval_split=s.test, eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
         log_every=config.log_every, workdir=workdir, checkpoint_every=config.checkpoint_every,
-        remainder=config.remainder, progress=progress,
+        remainder=config.remainder, progress=progress, manifest={"train_config": to_dict(config)}, overwrite=overwrite,
     )
     wall = time.perf_counter() - t0
+    if workdir is not None:
+        history = read_metrics(workdir)
+        times = [h["time_s"] for h in history if h["split"] == "train" and h.get("time_s") is not None]
+        wall = times[-1] if times else wall
     final = evaluate(state, s.test, config.eval_batch_size)
     summary = {
         "test_accuracy": final["accuracy"],

@@ -7,6 +7,11 @@ every cycle of a cyclic schedule, then ensemble their predictions (never their w
     params, batch_stats = collector.stacked()               # leaves (M, ...)
     curve = evaluate_ensemble(state.apply_fn, params, batch_stats, test)  # every m = 1..M
 
+Resumable (a SIGKILL loses at most ``checkpoint_every`` steps; snapshots stay on disk):
+
+    state, snaps, records = fit_with_snapshots(state, train, boundaries, workdir, num_steps=T, ...)
+    curve = ensemble_curve(state.apply_fn, snaps, test)
+
 ``ensemble_sums`` is the pure per-batch function: one call, ``vmap`` over the stacked
 snapshots, metrics of the ensemble of the last m snapshots for every m at once.
 """
@@ -14,6 +19,7 @@ snapshots, metrics of the ensemble of the last m snapshots for every m at once.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -22,6 +28,7 @@ import numpy as np
 
 from mergejax import checkpoint as ckpt_lib
 from mergejax import data as data_lib
+from mergejax.train import TrainState, fit, read_metrics
 
 Params = Any
 
@@ -77,7 +84,7 @@ class SnapshotCollector:
                     self.steps.append(b)
 
     def _path(self, step: int) -> str:
-        return os.path.join(self.directory, f"step_{step}")
+        return _snapshot_path(self.directory, step)
 
     def __call__(self, step: int, state) -> None:
         if step not in self._todo or step in self.steps:
@@ -103,6 +110,43 @@ class SnapshotCollector:
         snaps = snaps[-last:] if last else snaps
         stacked = stack_trees(snaps)
         return stacked["params"], stacked["batch_stats"]
+
+
+_SNAPSHOT_DIR = re.compile(r"^step_(\d+)$")  # not ``step_<n>.tmp-*`` left by a killed save
+
+
+def _snapshot_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"step_{int(step)}")
+
+
+def load_snapshots(directory: str, target: Params | None = None) -> list[Params]:
+    """Every snapshot a :class:`SnapshotCollector` wrote to ``directory``, in step order
+    (``target``, e.g. ``{'params', 'batch_stats'}`` of a fresh model, fixes shapes and dtypes).
+    Raises ``FileNotFoundError`` when there is none."""
+    steps = sorted(int(m.group(1)) for n in (os.listdir(directory) if os.path.isdir(directory) else ())
+                   if (m := _SNAPSHOT_DIR.match(n)))
+    if not steps:
+        raise FileNotFoundError(f"no snapshot in {directory}")
+    return [ckpt_lib.load(_snapshot_path(directory, s), target) for s in steps]
+
+
+def fit_with_snapshots(state: TrainState, train_split: data_lib.Split, boundaries: Sequence[int], workdir: str,
+                       **fit_kwargs) -> tuple[TrainState, list[Params], list[dict]]:
+    """``fit`` in ``workdir/fit`` (checkpointed, resumed after a kill) with a
+    :class:`SnapshotCollector` at ``boundaries`` writing to ``workdir/snapshots``.
+
+    Returns ``(final state, snapshots read back from disk in step order, the whole run's
+    metrics records)``: the same whether the run was interrupted and resumed or not, since
+    snapshots taken before a kill are on disk and ``fit`` skips none of the later steps.
+    ``fit_kwargs`` go to ``fit`` (``num_steps``, ``batch_size``, ``seed``, ``manifest``...;
+    extra ``callbacks`` run after the collector).
+    """
+    collector = SnapshotCollector(boundaries, directory=os.path.join(workdir, "snapshots"))
+    callbacks = [collector, *fit_kwargs.pop("callbacks", ())]
+    fit_dir = os.path.join(workdir, "fit")
+    state, _ = fit(state, train_split, workdir=fit_dir, callbacks=callbacks, **fit_kwargs)
+    snaps = collector.snapshots({"params": state.params, "batch_stats": state.batch_stats})
+    return state, snaps, read_metrics(fit_dir)
 
 
 def ensemble_log_probs(log_probs: jax.Array) -> jax.Array:
@@ -161,6 +205,14 @@ def ensemble_sums(apply_fn: Callable, params: Params, batch_stats: Params, batch
 
 
 _jitted_ensemble_sums = jax.jit(ensemble_sums, static_argnums=0, static_argnames="member_map")  # one per process
+
+
+def ensemble_curve(apply_fn: Callable, snapshots: Sequence[Params], split: data_lib.Split, batch_size: int = 500,
+                   **kwargs) -> dict:
+    """:func:`evaluate_ensemble` of a list of ``{'params', 'batch_stats'}`` snapshots (oldest
+    first): metrics of the ensemble of the last m, for m = 1..len(snapshots)."""
+    stacked = stack_trees(list(snapshots))
+    return evaluate_ensemble(apply_fn, stacked["params"], stacked["batch_stats"], split, batch_size, **kwargs)
 
 
 def evaluate_ensemble(

@@ -53,3 +53,22 @@ def greedy_soup(ingredients: Sequence[Tree | Callable[[], Tree]], score_fn: Call
             state, best = trial, s
             chosen.append(i)
     return state.mean, {"order": order, "chosen": chosen, "scores": scores, "soup_score": best, "trials": trials}
+
+
+def compare(ingredients: Sequence[Tree | Callable[[], Tree]], val_fn: Callable[[Tree], float], test_fn: Callable[[Tree], float],
+            *, val_scores: Sequence[float] | None = None, test_scores: Sequence[float] | None = None) -> dict:
+    """The comparison of Wortsman et al. 2022 (Table 1): the best single ingredient by its
+    held-out score, the uniform soup and the greedy soup, each scored by ``val_fn`` (held-out)
+    and ``test_fn``. ``val_scores``/``test_scores``: the ingredients' own scores if known.
+
+    Returns ``{'val', 'test'}`` (per ingredient) and ``{best_single, uniform, greedy}_{val, test}``
+    floats, ``best_single`` (index) and ``greedy_chosen`` (indices in the greedy soup).
+    """
+    val = [float(val_fn(_get(c))) for c in ingredients] if val_scores is None else [float(s) for s in val_scores]
+    test = [float(test_fn(_get(c))) for c in ingredients] if test_scores is None else [float(s) for s in test_scores]
+    best = max(range(len(val)), key=lambda i: val[i])
+    uniform = uniform_soup(ingredients)
+    greedy, info = greedy_soup(ingredients, val_fn, scores=val)
+    return {"val": val, "test": test, "best_single": best, "best_single_val": val[best], "best_single_test": test[best],
+            "uniform_val": float(val_fn(uniform)), "uniform_test": float(test_fn(uniform)),
+            "greedy_val": info["soup_score"], "greedy_test": float(test_fn(greedy)), "greedy_chosen": info["chosen"]}

@@ -12,10 +12,11 @@
     state, _ = fit(create_state(model, rng, shape, tx, lr_fn=...), train, ...)
     params = swa_params(state.opt_state)
     batch_stats = recompute_batch_stats(state.apply_fn, params, state.batch_stats, train, 128)
+    # or both at once: swa_model(state, train, 128) -> {'params', 'batch_stats'}
 
 Fast Geometric Ensembling is :func:`schedules.fge_triangle` + :class:`snapshot.SnapshotCollector`
 at :func:`schedules.fge_boundaries` + :func:`snapshot.evaluate_ensemble`; :func:`fge_plan`
-wires the schedule and the snapshot steps together.
+wires the schedule and the snapshot steps together, :func:`fge_cycle_steps` sizes the cycle.
 """
 
 from __future__ import annotations
@@ -167,6 +168,24 @@ def recompute_batch_stats(
     if avg is None:
         raise ValueError(f"no full batch of {batch_size} in {len(split)} examples")
     return jax.tree.map(lambda a, ref: a.astype(ref.dtype), avg, batch_stats)
+
+
+def swa_model(state, split: data_lib.Split, batch_size: int = 128, *, seed: int = 0) -> dict:
+    """The SWA model of a ``TrainState`` trained with :func:`swa_average` chained into its
+    ``tx``: ``{'params': the running mean, 'batch_stats': re-estimated on split}``
+    (:func:`recompute_batch_stats`)."""
+    params = swa_params(state.opt_state)
+    return {"params": params,
+            "batch_stats": recompute_batch_stats(state.apply_fn, params, state.batch_stats, split, batch_size, seed=seed)}
+
+
+def fge_cycle_steps(start_step: int, total_steps: int, num_snapshots: int) -> int:
+    """The longest even FGE cycle (at least 2 steps) such that ``num_snapshots`` cycles fit
+    between ``start_step`` and ``total_steps``: the budget left after pre-training is split
+    evenly among the members (Garipov et al. 2018 use a fixed cycle; equal cost needs this)."""
+    if num_snapshots < 1:
+        raise ValueError(f"num_snapshots must be >= 1, got {num_snapshots}")
+    return max(2, ((total_steps - start_step) // num_snapshots) // 2 * 2)
 
 
 def fge_plan(

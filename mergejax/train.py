@@ -9,12 +9,13 @@ checkpoints and exact resume.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -25,6 +26,8 @@ import optax
 
 from mergejax import checkpoint as ckpt_lib
 from mergejax import data as data_lib
+from mergejax import rundir
+from mergejax.errors import Diverged
 from mergejax.models import apply_model, init_variables
 
 Params = Any
@@ -276,14 +279,26 @@ def fit(
     callbacks: Sequence[Callable[[int, TrainState], None]] = (),
     step_fn: Callable | None = None,
     progress: bool = True,
+    manifest: Mapping | None = None,
+    overwrite: bool = False,
 ) -> tuple[TrainState, list[dict]]:
     """Train ``state`` for ``num_steps`` optimizer steps; returns ``(state, history)``.
 
     Deterministic in ``(seed, step)``: batch order comes from :func:`data.batches` and the
     step rng is ``fold_in(key(seed), step)``. With ``workdir`` the loop checkpoints to
     ``workdir/checkpoints`` every ``checkpoint_every`` steps and at the end, appends metrics
-    to ``workdir/metrics.jsonl``, and resumes from the latest checkpoint when restarted, so
-    an interrupted run ends with the same parameters as an uninterrupted one.
+    to ``workdir/metrics.jsonl`` (``null`` for non-finite values), and resumes from the newest
+    intact checkpoint when restarted, so an interrupted run ends with the same parameters as
+    an uninterrupted one. The workdir is locked while training and carries a manifest of what
+    produced it: the loop settings, content hashes of the data and of the initial state, and
+    the caller's ``manifest`` (e.g. the resolved config, which is the only place an optimizer
+    or schedule change can show). A workdir of another run is refused
+    (:class:`~mergejax.errors.ConfigMismatch`) unless ``overwrite``.
+
+    Parameters are checked for NaN/Inf before every checkpoint and the loss at every log
+    step; the first failure raises :class:`~mergejax.errors.Diverged` naming the step and
+    the first bad leaf, so the newest checkpoint on disk is always finite.
+    ``history`` holds the records of this call; ``read_metrics(workdir)`` the whole run.
     ``callbacks(step, state)`` run on the host after every step (``step`` = steps taken).
     """
     per_epoch = data_lib.steps_per_epoch(len(train_split), batch_size, remainder)
@@ -291,23 +306,43 @@ def fit(
     checkpoint_every = checkpoint_every or per_epoch
     step_fn = step_fn or _jitted_train_step
     eval_fn = _jitted_eval_step
-    manager = None
-    log_file = None
-    start = 0
-    if workdir is not None:
-        os.makedirs(workdir, exist_ok=True)
+    if workdir is None:
+        return _fit_loop(state, train_split, None, 0, num_steps=num_steps, batch_size=batch_size, seed=seed,
+                         eval_split=eval_split, eval_every=eval_every, eval_batch_size=eval_batch_size,
+                         log_every=log_every, checkpoint_every=checkpoint_every, remainder=remainder,
+                         callbacks=callbacks, step_fn=step_fn, eval_fn=eval_fn, progress=progress)
+    run_manifest = rundir.make_manifest(
+        "fit",
+        {"fit": {"num_steps": num_steps, "batch_size": batch_size, "seed": seed, "remainder": remainder},
+         "caller": dict(manifest or {})},
+        {"train": rundir.fingerprint_split(train_split),
+         "eval": rundir.fingerprint_split(eval_split) if eval_split is not None else None,
+         "initial_state": tree_fingerprint(state.arrays())},
+    )
+    with rundir.RunDir(workdir, run_manifest, overwrite=overwrite):
         manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"))
+        start, elapsed = 0, 0.0
+        log_path = os.path.join(workdir, "metrics.jsonl")
         if manager.latest_step() is not None:
             state = state.replace_arrays(manager.restore(state.arrays()))
             start = int(state.step)
-        log_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        elapsed = _truncate_log(log_path, start)
+        with open(log_path, "a") as log_file:
+            return _fit_loop(state, train_split, (manager, log_file), start, num_steps=num_steps, batch_size=batch_size,
+                             seed=seed, eval_split=eval_split, eval_every=eval_every, eval_batch_size=eval_batch_size,
+                             log_every=log_every, checkpoint_every=checkpoint_every, remainder=remainder,
+                             callbacks=callbacks, step_fn=step_fn, eval_fn=eval_fn, progress=progress, elapsed=elapsed)
 
+
+def _fit_loop(state, train_split, sinks, start, *, num_steps, batch_size, seed, eval_split, eval_every, eval_batch_size,
+              log_every, checkpoint_every, remainder, callbacks, step_fn, eval_fn, progress, elapsed=0.0):
+    manager, log_file = sinks if sinks is not None else (None, None)
     history: list[dict] = []
 
     def log(record):
         history.append(record)
         if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(json.dumps(rundir.jsonable(record), allow_nan=False) + "\n")
             log_file.flush()
 
     base_rng = jax.random.key(seed)
@@ -318,7 +353,7 @@ def fit(
         stream = prefetch_to_device(stream)
     bar = _progress(start, num_steps, progress)
     pending: list = []  # device metrics not yet fetched
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - elapsed  # time_s continues across resumes
     try:
         for step in range(start, num_steps):
             batch = next(stream)
@@ -334,7 +369,7 @@ def fit(
                 if not np.isfinite(record["loss"]):
                     first = next(i for i, v in enumerate(values) if not np.isfinite(v["loss"]))
                     bad = first_nonfinite_leaf(state.params)
-                    raise FloatingPointError(
+                    raise Diverged(
                         f"non-finite loss {float(values[first]['loss'])} at step {done - len(values) + first + 1} "
                         f"(detected at step {done}); first bad parameter: {bad}"
                     )
@@ -343,15 +378,72 @@ def fit(
             if eval_split is not None and (done % eval_every == 0 or done == num_steps):
                 log({"step": done, "split": "test", **evaluate(state, eval_split, eval_batch_size, eval_fn)})
             if manager is not None and (done % checkpoint_every == 0 or done == num_steps):
-                manager.save(done, state.arrays())
+                arrays = state.arrays()
+                if not all_finite(arrays):
+                    raise Diverged(f"non-finite values at step {done} before writing its checkpoint; "
+                                   f"first bad leaf: {_first_bad(arrays)}")
+                manager.save(done, arrays)
             bar.update(1)
     finally:
         bar.close()
         if manager is not None:
             manager.close()
-        if log_file is not None:
-            log_file.close()
     return state, history
+
+
+def _first_bad(arrays: dict) -> str | None:
+    """The first non-finite leaf, parameters before statistics and optimizer state."""
+    for key in ("params", "batch_stats", "opt_state"):
+        if (bad := first_nonfinite_leaf(arrays.get(key))) is not None:
+            return f"['{key}']{bad}"
+    return None
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating leaf of ``tree`` is free of NaN/Inf: one fused reduction on
+    the device, one scalar fetched to the host."""
+    if not any(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in jax.tree.leaves(tree)):
+        return True
+    # jit at the call: JAX keys its cache on the function, so the wrapper is cheap to re-make
+    return bool(jax.jit(_all_finite_device)(tree))
+
+
+def _all_finite_device(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def tree_fingerprint(tree: Any) -> str:
+    """Content hash (blake2b, hex) of a pytree's structure, shapes, dtypes and values."""
+    h = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        arr = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{arr.shape}:{arr.dtype}".encode())
+        h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+    return h.hexdigest()
+
+
+def _truncate_log(path: str, step: int) -> float:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (drop what a killed run logged
+    past its last checkpoint, and a torn last line); returns the last kept train ``time_s``."""
+    if not os.path.exists(path):
+        return 0.0
+    kept, elapsed = [], 0.0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+                if record.get("split") == "train" and record.get("time_s") is not None:
+                    elapsed = float(record["time_s"])
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return elapsed
 
 
 _FETCH_CHUNK = 16

@@ -1,25 +1,21 @@
 """Subprocess helper for tests/test_parallel.py (needs its own JAX device configuration).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_dp_worker.py mesh OUT.json
-    python tests/_dp_worker.py dist OUT.npz PORT PROCESS_ID      # one of 2 processes
 
 ``mesh``: data-parallel step on 8 simulated devices vs single-device references (MLP,
-ghost-batch BN, synchronised BN, pmap, local SGD); prints gaps as JSON. ``dist``: local SGD across 2 processes (``jax.distributed``), one worker per
-process; writes the final global params.
+ghost-batch BN, synchronised BN, pmap, local SGD); prints gaps as JSON. The 2-process
+(``jax.distributed``) local SGD worker is the library's ``python -m mergejax.distributed``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
 
 def _gap(a, b):
@@ -132,70 +128,9 @@ def mesh_mode(out):
     print(json.dumps(res))
 
 
-def dist_setup(seed=0):
-    """The shared problem of the 2-process test (also run single-process as the reference)."""
-    from mergejax.models import make_model
-    from mergejax.train import create_state
-
-    model = make_model("mlp", 10, hidden=(16,))
-    state = create_state(model, jax.random.key(seed), (1, 8, 8, 1), optax.sgd(0.1, momentum=0.9))
-    r = np.random.default_rng(seed)
-    rounds = [{"image": r.normal(size=(2, 3, 8, 8, 8, 1)).astype(np.float32),
-               "label": r.integers(0, 10, size=(2, 3, 8)).astype(np.int32)} for _ in range(3)]
-    return state, rounds
-
-
-def flat_params(tree, leaf=np.asarray) -> dict:
-    """``{keystr(path): leaf(x)}``: the npz layout the 2-process run writes."""
-    return {jax.tree_util.keystr(p): leaf(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def dist_reference(seed=0):
-    """The 2-process problem in one process, its 2 workers simulated with vmap:
-    ``(initial state, rounds, flat_params(final params))``."""
-    from mergejax import local_sgd
-
-    state, rounds = dist_setup(seed)
-    st = local_sgd.init(state, 2)
-    rnd = local_sgd.make_round(2, policy="keep")
-    for bt in rounds:
-        st, _ = rnd(st, bt, jax.random.key(0))
-    return state, rounds, flat_params(st.params)
-
-
-def dist_mode(out, port, pid):
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from mergejax import local_sgd, parallel
-
-    assert jax.device_count() == 2 and jax.local_device_count() == 1, (jax.device_count(), jax.local_device_count())
-    mesh = parallel.data_mesh()
-    state, rounds = dist_setup()
-    st = local_sgd.init(state, 2)
-
-    def globalise(tree, spec):
-        sh = NamedSharding(mesh, spec)
-        if spec == P():
-            return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), tree)
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)[pid:pid + 1]), tree)
-
-    st = st.replace(params=globalise(st.params, P()), outer_opt_state=globalise(st.outer_opt_state, P()),
-                    rounds=globalise(st.rounds, P()), workers=globalise(st.workers, P("data")))
-    rnd = local_sgd.make_round(2, mesh=mesh, policy="keep")
-    rng = globalise(jax.random.key_data(jax.random.key(0)), P())
-    for r, b in enumerate(rounds):
-        st, _ = rnd(st, globalise(b, P("data")), jax.random.wrap_key_data(rng))
-    np.savez(out, **flat_params(st.params, lambda x: np.asarray(x.addressable_data(0))))
-    jax.distributed.shutdown()
-
-
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "mesh":
         mesh_mode(sys.argv[2])
-    elif mode == "dist":
-        dist_mode(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -54,3 +54,46 @@ def test_train_on_digits_and_resume(tmp_path, capsys):
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["test_accuracy"] == printed["test_accuracy"] and again["test_loss"] == printed["test_loss"]
     assert [r["step"] for r in read_metrics(str(out)) if r["split"] == "train"] == [10, 20, 30]
+
+
+def test_help_imports_no_jax(run_python):
+    # `mergejax --help` must answer in well under a second: nothing heavy is imported for it
+    proc = run_python("import sys; from mergejax import cli; cli.main(['--help']); "
+                      "print(sorted(m for m in ('jax', 'flax', 'optax', 'orbax', 'numpy') if m in sys.modules))")
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _mergejax(*args, timeout=300):
+    script = Path(sys.executable).parent / "mergejax"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "mergejax.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    cases = [
+        (["train", "--set", "nope=1", "--out", str(tmp_path / "a")], "unknown config key 'nope'"),
+        (["train", "--set", "dataset=cifar11", "--out", str(tmp_path / "b")], "unknown dataset 'cifar11'"),
+        (["train", "--set", "model=resnet9", "--out", str(tmp_path / "c")], "resnet9"),
+        (["train", "--set", "lr=fast", "--out", str(tmp_path / "d")], "expects float"),
+    ]
+    for args, needle in cases:
+        proc = _mergejax(*args)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (args, proc.stderr)
+    proc = _mergejax("train", "--set", "nope=1", "--out", str(tmp_path / "a"), "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_train_refuses_another_config_in_the_same_out(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["train", "--set", "steps=6", "--set", "log_every=3", "--set", "model=mlp", "--out", out, "--quiet"]
+    assert cli.main(base) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--set", "seed=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "seed=0 (asked: 5)" in err and "--overwrite" in err and "\n" not in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["seed"] == 0  # the old run's summary is intact
+    assert cli.main([*base, "--set", "seed=5", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["seed"] == 5

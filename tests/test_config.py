@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from mergejax.config import TrainConfig, choose_preset, experiment_args, override, to_dict
+from mergejax.config import TrainConfig, choose_preset, override, to_dict
+from mergejax.experiment import experiment_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +68,10 @@ def test_to_dict_is_json():
 
 def test_experiment_args_and_presets():
     presets = {"tiny": lambda: Outer(), "paper": lambda: Outer(train=TrainConfig(model="resnet20"))}
-    cfg, out, progress, name = experiment_args(["--set", "train.lr=0.2", "--set", "seeds=(1,2)", "--quiet"], presets, "demo")
-    assert (cfg.train.lr, cfg.seeds, out, progress, name) == (0.2, (1, 2), "results/demo", False, "tiny")
-    cfg, out, progress, name = experiment_args(["--preset", "paper", "--out", "/tmp/x"], presets, "demo")
-    assert (cfg.train.model, out, progress, name) == ("resnet20", "/tmp/x", True, "paper")
+    cfg, out, progress, name, args = experiment_args(["--set", "train.lr=0.2", "--set", "seeds=(1,2)", "--quiet"], presets, "demo")
+    assert (cfg.train.lr, cfg.seeds, out, progress, name, args.overwrite) == (0.2, (1, 2), "results/tiny/demo", False, "tiny", False)
+    cfg, out, progress, name, args = experiment_args(["--preset", "paper", "--out", "/tmp/x", "--overwrite"], presets, "demo")
+    assert (cfg.train.model, out, progress, name, args.overwrite) == ("resnet20", "/tmp/x", True, "paper", True)
     with pytest.raises(ValueError, match="unknown preset 'huge'; available: tiny, paper"):
         choose_preset(presets, "huge")
     with pytest.raises(KeyError, match="unknown config key"):

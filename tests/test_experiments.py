@@ -125,7 +125,99 @@ def test_merge_stages_present(smoke_run):
 
 
 def test_reproduce_rejects_unknown_experiment(run_python):
-    proc = run_python("import sys; sys.argv = ['x', '--only', 'nope']; sys.path.insert(0, 'experiments'); import reproduce; reproduce.main()",
+    proc = run_python("import sys, runpy; sys.argv = ['reproduce.py', '--only', 'nope']; runpy.run_path('experiments/reproduce.py', run_name='__main__')",
                       env={"MERGEJAX_COMPILATION_CACHE": "off"}, check=False)
-    assert proc.returncode != 0
-    assert "unknown experiment(s) ['nope']; available: train_baseline, averaging" in proc.stderr
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown experiment(s) ['nope']; available: train_baseline, averaging" in lines[0]
+
+
+# measured speed (FreezeOut's savings are ratios of wall times) and resume bookkeeping
+TIMING_KEYS = ("resumed", "wall_s", "train_s", "cpu_s", "compile_s", "baseline_ref_s", "measured_saving", "cpu_saving",
+               "measured_saving_with_compile", "timed_from_step", "timed_runs", "units_timed_after_resume")
+
+
+def _without_times(obj):
+    """results.json minus what legitimately differs between runs: wall times, resume flags."""
+    if isinstance(obj, dict):
+        return {k: _without_times(v) for k, v in obj.items() if "time" not in k and k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_without_times(v) for v in obj]
+    return obj
+
+
+def _assert_close(a, b, path="results"):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), (path, sorted(a), sorted(b) if isinstance(b, dict) else b)
+        for k in a:
+            _assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), path
+    else:
+        assert a == b, path
+
+
+def _reproduce(results, cache, *extra, timeout=600):
+    import subprocess
+
+    return subprocess.run([sys.executable, "experiments/reproduce.py", "--preset", "smoke", "--results", str(results), "--quiet", *extra],
+                          cwd=REPO, env={**os.environ, "MERGEJAX_COMPILATION_CACHE": str(cache)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_rerun_returns_the_finished_results_from_disk(smoke_run):
+    root, cache, _ = smoke_run
+    before = {name: _results(root, name) for name in EXPERIMENTS}
+    proc = _reproduce(root, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in EXPERIMENTS:
+        _assert_close(_without_times(before[name]), _without_times(_results(root, name)), name)
+    # another config into the same directory: one line, nothing touched
+    proc = _reproduce(root, cache, "--only", "train_baseline", "--preset", "tiny")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "holds a different run" in lines[0], proc.stderr[-2000:]
+    assert _results(root, "train_baseline") == before["train_baseline"]
+
+
+def _kill_resume_matches(smoke_run, tmp_path, delays):
+    import signal
+    import subprocess
+
+    root, cache, _ = smoke_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "experiments/reproduce.py", "--preset", "smoke", "--results", str(out), "--quiet"]
+    env = {**os.environ, "MERGEJAX_COMPILATION_CACHE": str(cache)}
+    hits = 0
+    for delay in delays:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            hits += 1
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -signal.SIGKILL), err[-3000:]
+    proc = _reproduce(out, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in EXPERIMENTS:
+        _assert_close(_without_times(_results(root, name)), _without_times(_results(out, name)), name)
+    return hits
+
+
+def test_sigkill_during_reproduce_then_rerun_gives_the_same_results(smoke_run, tmp_path):
+    assert _kill_resume_matches(smoke_run, tmp_path, [25.0]) == 1
+
+
+@pytest.mark.slow
+def test_sigkills_at_several_moments_of_reproduce(smoke_run, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    delays = [rng.uniform(5.0, 40.0) for _ in range(6)]
+    hits = _kill_resume_matches(smoke_run, tmp_path, delays)
+    print(f"reproduce.py kills that hit a live process: {hits}/{len(delays)}")
+    assert hits >= 3

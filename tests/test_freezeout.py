@@ -224,3 +224,55 @@ def test_stage_step_on_conv_models(name, kw, shape):
         assert same_p == (i < k), f"{name}: layer {n} (index {i}, frozen prefix {k}) params same={same_p}"
         if n in old[1] and i < k:
             assert _tree_bits_equal(new.batch_stats[n], old[1][n]), f"{name}: frozen {n} batch_stats changed"
+
+
+def test_compare_with_baselines_interpolates_the_neighbouring_baselines():
+    # seed 0: baselines at positions 0 and 3, points at 1 and 2, one baseline without a time
+    # (a unit resumed after its training had finished); seed 1 has its own baseline.
+    runs = [
+        {"order": 0, "seed": 0, "base": True, "train_s": 1.0, "cpu_s": 2.0, "compile_s": 0.5},
+        {"order": 1, "seed": 0, "base": False, "train_s": 1.2, "cpu_s": 1.0, "compile_s": 1.0},
+        {"order": 2, "seed": 0, "base": True, "train_s": None, "cpu_s": None, "compile_s": 0.1},
+        {"order": 3, "seed": 0, "base": False, "train_s": 2.0, "cpu_s": 3.0, "compile_s": 0.0},
+        {"order": 4, "seed": 0, "base": True, "train_s": 2.5, "cpu_s": 4.0, "compile_s": 1.5},
+        {"order": 5, "seed": 1, "base": True, "train_s": 10.0, "cpu_s": 10.0, "compile_s": 0.0},
+        {"order": 6, "seed": 1, "base": False, "train_s": 5.0, "cpu_s": None, "compile_s": 0.0},
+    ]
+    out = fo.compare_with_baselines(runs, lambda r: r["base"])
+    assert [r["order"] for r in out] == list(range(7)) and "measured_saving" not in runs[0]
+    # order 1 is a quarter of the way from the baseline at 0 to the one at 4
+    assert out[1]["baseline_ref_s"] == pytest.approx(1.0 + 1.5 / 4)
+    assert out[1]["measured_saving"] == pytest.approx(1 - 1.2 / 1.375)
+    assert out[1]["cpu_saving"] == pytest.approx(1 - 1.0 / 2.5)
+    assert out[1]["measured_saving_with_compile"] == pytest.approx(1 - 2.2 / (1.5 + 2.5 / 4))
+    assert out[3]["baseline_ref_s"] == pytest.approx(1.0 + 1.5 * 3 / 4)
+    assert out[0]["measured_saving"] == 0.0 and out[4]["measured_saving"] == 0.0 and out[5]["cpu_saving"] == 0.0
+    assert out[2]["measured_saving"] is None and out[2]["baseline_ref_s"] == pytest.approx(1.75)
+    assert out[6]["measured_saving"] == pytest.approx(0.5) and out[6]["cpu_saving"] is None  # only seed 1's baseline
+
+
+def test_train_and_evaluate_resumes_to_the_same_result(tmp_path):
+    import shutil
+
+    from mergejax.config import TrainConfig
+
+    # one hidden layer, frozen from step 10 on: the resumed run starts at the second stage
+    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": (16,)}, batch_size=64, steps=20, lr=0.05,
+                      nesterov=True, weight_decay=1e-4, log_every=10, checkpoint_every=10)
+    kw = dict(t0=0.5, spacing="linear", scaled=True, manifest={"test": 1})
+    first = fo.train_and_evaluate(cfg, workdir=str(tmp_path / "a"), repeats=2, **kw)
+    assert first["timed_from_step"] == 0 and not first["resumed"] and first["timed_runs"] == 2
+    assert first["train_s"] > 0 and first["cpu_s"] > 0 and first["stages"] == len(first["stage_prefixes"]) > 1
+    assert first["stage_prefixes"] == [0, 1] and first["freeze_steps"] == [10, 20] and first["total_steps"] == 20
+    assert 0 < first["predicted_saving"] < 1
+    same = ("test_accuracy", "test_loss", "train_loss", "predicted_saving", "freeze_steps", "stage_prefixes")
+    # killed after the checkpoint of step 10: resumes there, ends where the whole run ended
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "20")
+    resumed = fo.train_and_evaluate(cfg, workdir=str(tmp_path / "b"), **kw)
+    assert resumed["resumed"] and resumed["timed_from_step"] == 10 and resumed["train_s"] > 0
+    assert {k: resumed[k] for k in same} == {k: first[k] for k in same}
+    # killed after the last checkpoint: nothing left to train or time
+    done = fo.train_and_evaluate(cfg, workdir=str(tmp_path / "a"), **kw)
+    assert done["timed_from_step"] == 20 and done["train_s"] is None and done["timed_runs"] == 0
+    assert {k: done[k] for k in same} == {k: first[k] for k in same}

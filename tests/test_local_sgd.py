@@ -131,3 +131,46 @@ def test_policies():
         np.testing.assert_allclose(a[0], np.mean(np.asarray(k, np.float64), 0), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="policy"):
         local_sgd.make_round(W, policy="sometimes")
+
+
+def test_shard_steps_layout():
+    """Worker i's k-th local batch is rows i*b .. (i+1)*b - 1 of the k-th global batch."""
+    stream = iter([{"x": np.arange(12).reshape(6, 2) + 100 * k} for k in range(3)])
+    out = local_sgd.shard_steps(stream, num_workers=3, num_local=2)
+    assert out["x"].shape == (3, 2, 2, 2)
+    np.testing.assert_array_equal(out["x"][1, 0], [[4, 5], [6, 7]])
+    np.testing.assert_array_equal(out["x"][2, 1], [[108, 109], [110, 111]])
+    assert next(stream)["x"][0, 0] == 200  # took exactly num_local batches
+    with pytest.raises(ValueError, match="does not split"):
+        local_sgd.shard_steps(iter([{"x": np.zeros((5, 1))}]), num_workers=2, num_local=1)
+
+
+def _split(n=96, seed=0):
+    from mergejax import data
+
+    r = np.random.default_rng(seed)
+    return data.Split(r.normal(size=(n, 8, 8, 1)).astype(np.float32), r.integers(0, 10, n).astype(np.int32), 10, "random")
+
+
+@pytest.mark.parametrize("tx", [optax.sgd(0.1), optax.sgd(0.05, momentum=0.9)], ids=["sgd", "momentum"])
+def test_train_rounds_k1_equals_fit(tx):
+    """train_rounds shards fit's own batch stream, so K = 1 is fit's gradient averaging."""
+    from mergejax.train import fit
+
+    model, split = make_model("mlp", 10, hidden=(16,)), _split()
+    s0 = create_state(model, jax.random.key(0), (1, 8, 8, 1), tx)
+    kw = dict(num_steps=8, batch_size=W * B, seed=3)  # 3 batches of 32 per epoch: crosses epochs
+    sync, _ = fit(create_state(model, jax.random.key(0), (1, 8, 8, 1), tx), split, **kw, progress=False)
+    local, metrics = local_sgd.train_rounds(local_sgd.init(s0, W), split, **kw, num_local=1)
+    assert len(metrics) == 8 and int(local.rounds) == 8
+    assert _gap(local.params, sync.params) < 2e-6
+    assert _gap(sync.params, s0.params) > 1e-2  # training moved
+    far, _ = local_sgd.train_rounds(local_sgd.init(s0, W), split, **kw, num_local=4)
+    assert _gap(far.params, sync.params) > 1e-4
+    with pytest.raises(ValueError, match="multiple"):
+        local_sgd.train_rounds(local_sgd.init(s0, W), split, **kw, num_local=3)
+    rows = local_sgd.divergence(s0, sync, split, split, num_workers=W, ks=(1, 4), **kw)
+    assert [r["K"] for r in rows] == [1, 4]
+    assert rows[0]["rel_dist"] < 1e-5 and rows[0]["local_acc"] == rows[0]["sync_acc"]
+    assert rows[1]["param_dist"] >= _gap(far.params, sync.params) * (1 - 1e-6)  # the same run: L2 >= max |.|
+    assert rows[1]["param_dist"] > 10 * rows[0]["param_dist"]

@@ -1,12 +1,12 @@
 """Data-parallel step and multi-process local SGD.
 
 Simulated devices and jax.distributed need their own process; they run tests/_dp_worker.py
-in subprocesses so this pytest process keeps its single CPU device.
+and ``python -m mergejax.distributed`` in subprocesses so this pytest process keeps its
+single CPU device.
 """
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,36 +106,30 @@ def test_dp_step_on_8_simulated_devices(tmp_path):
     assert r["local_sgd_mesh_vs_vmap_gap"] < 1e-6 and r["local_sgd_mesh_vs_vmap_stats_gap"] < 1e-5
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_two_process_reference_trains():
+    """The single-process side of the 2-process check (the slow test below runs the other):
+    one batch per worker and local step in every round, and the weights move."""
+    from mergejax import distributed
+
+    state, rounds, ref = distributed.reference()
+    assert len(rounds) == distributed.ROUNDS and rounds[0]["image"].shape[:2] == (2, distributed.LOCAL_STEPS)
+    init = distributed.flat_params(state.params)
+    assert sorted(init) == sorted(ref)
+    assert max(np.abs(ref[k] - init[k]).max() for k in ref) > 1e-3
 
 
 @pytest.mark.slow  # two fresh JAX processes + gloo: ~35 s CPU; `pytest -m slow` (experiment (d) runs it too)
 def test_local_sgd_two_processes(tmp_path):
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, "dist", str(tmp_path / f"p{i}.npz"), str(port), str(i)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(err)
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
-    a, b = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "p1.npz")
-    # Single-process reference: the same 2 workers simulated with vmap.
-    sys.path.insert(0, str(REPO / "tests"))
-    from _dp_worker import dist_reference, flat_params
+    from mergejax import distributed
 
-    state, _, ref = dist_reference()
-    assert sorted(a.files) == sorted(ref)
+    procs = distributed.launch(str(tmp_path), num_processes=2, timeout=600)
+    # Single-process reference: the same 2 workers simulated with vmap.
+    state, _, ref = distributed.reference()
+    a, b = procs
+    assert sorted(a) == sorted(ref)
     for k in ref:
         np.testing.assert_array_equal(a[k], b[k])  # both processes hold identical parameters
         np.testing.assert_allclose(a[k], ref[k], rtol=1e-5, atol=1e-6)
-    init = flat_params(state.params)
+    init = distributed.flat_params(state.params)
     assert max(np.abs(ref[k] - init[k]).max() for k in ref) > 1e-3  # training did move the weights
+    assert not list(tmp_path.iterdir())  # launch removed its npz files

@@ -36,3 +36,19 @@ def test_soup_ingredients_can_be_loaders():
     assert loaded == [1.0, 2.0, 6.0]
     with pytest.raises(ValueError):
         soups.greedy_soup([], lambda t: 0.0)
+
+
+def test_compare_best_single_uniform_greedy():
+    xs = [{"w": jnp.array(v)} for v in (1.3, 0.9, -2.0, 1.1)]
+    val = lambda t: -float((t["w"] - 1.0) ** 2)  # noqa: E731
+    test = lambda t: -float((t["w"] - 1.2) ** 2)  # noqa: E731
+    r = soups.compare(xs, val, test)
+    assert r["best_single"] == 1  # 0.9 and 1.1 tie on val; the first wins
+    np.testing.assert_allclose(r["best_single_test"], -(0.9 - 1.2) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(r["uniform_val"], -(0.325 - 1.0) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(r["uniform_test"], -(0.325 - 1.2) ** 2, rtol=1e-5)
+    assert r["greedy_chosen"] == [1, 3]
+    np.testing.assert_allclose([r["greedy_val"], r["greedy_test"]], [0.0, -0.04], atol=1e-6)
+    # Known scores are used as given (no re-scoring of the ingredients).
+    r2 = soups.compare(xs, val, test, val_scores=[0.0, -1.0, -1.0, -1.0], test_scores=[5.0, 6.0, 7.0, 8.0])
+    assert r2["best_single"] == 0 and r2["best_single_test"] == 5.0 and r2["test"] == [5.0, 6.0, 7.0, 8.0]

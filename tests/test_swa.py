@@ -12,7 +12,7 @@ import pytest
 from mergejax import data, schedules
 from mergejax.models import make_model
 from mergejax.snapshot import SnapshotCollector
-from mergejax.swa import recompute_batch_stats, running_mean, swa_average, swa_params, swa_state
+from mergejax.swa import fge_cycle_steps, recompute_batch_stats, running_mean, swa_average, swa_model, swa_params, swa_state
 from mergejax.train import create_state, fit, make_optimizer
 
 
@@ -79,6 +79,25 @@ def test_swa_in_fit_equals_mean_of_collected_snapshots(digits):
     ref = jax.tree.map(lambda *xs: np.mean(np.stack(xs).astype(np.float64), 0), *[s["params"] for s in collector.snapshots()])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), swa_params(state.opt_state), ref)
     assert int(swa_state(state.opt_state).n) == len(steps) == 4
+    model = swa_model(state, train, 64, seed=2)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), model["params"], ref)
+    bn = recompute_batch_stats(state.apply_fn, ref, state.batch_stats, train, 64, seed=2)  # of the averaged weights
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), model["batch_stats"], bn)
+
+
+def test_fge_cycle_steps_longest_even_cycle_that_fits():
+    assert fge_cycle_steps(22, 44, 2) == 10 and fge_cycle_steps(165, 330, 5) == 32
+    for start in range(1, 30):
+        for total in range(start, 80):
+            for m in (1, 2, 3, 5):
+                c = fge_cycle_steps(start, total, m)
+                assert c >= 2 and c % 2 == 0
+                if (total - start) // m >= 2:  # room for m cycles: they fit, and 2 more steps each would not
+                    assert start + m * c <= total < start + m * (c + 2)
+                else:
+                    assert c == 2
+    with pytest.raises(ValueError, match="num_snapshots"):
+        fge_cycle_steps(1, 10, 0)
 
 
 class _TwoBN(nn.Module):

@@ -4,8 +4,10 @@
   gates     L0 hard-concrete gates per unit group, gated_apply, lambda schedule
   compress  compress(big_vars, log_alphas, spec) -> (student_vars, keep): best half per group,
             gates folded into the consuming weights
-  train     gate-learning step (one optax.partition optimizer for weights and gates)
-  pipeline  MergeConfig and merge(): the whole pipeline on a dataset
+  train     gate-learning step (one optax.partition optimizer for weights and gates),
+            GateHistory (the gates' open probabilities, kept on disk across resumes)
+  pipeline  MergeConfig and the stages on a dataset: gate_stage, compress_stage (compress +
+            fine-tune), shrink (both), merge (concat + shrink)
 
 Functions share their module's name, so import them from the module:
 ``from mergejax.merging.concat import concat``.

@@ -4,24 +4,30 @@ The train state is an ordinary :class:`mergejax.train.TrainState` whose ``params
 ``{'model': big-student params, 'gates': {group: log_alpha (units,)}}`` and whose
 ``apply_fn`` samples one hard-concrete gate per example per group in training (from the
 step's explicit rng) and uses the deterministic gates in evaluation, so ``fit`` and
-``evaluate`` work unchanged. Loss: L = cross-entropy + lambda(step) * sum_groups L_half.
+``evaluate`` work unchanged. Loss: L = cross-entropy + lambda(step) * sum_groups L_half. :class:`GateHistory` is the
+``fit`` callback that records the gates' open probabilities (on disk, so a resumed run keeps
+what it recorded before the interruption).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mergejax.merging import gates as G
 from mergejax.train import TrainState, _accuracy, cross_entropy, make_optimizer
 from mergejax.units import UnitSpec
 
-__all__ = ["gate_optimizer", "gated_apply_fn", "create_gate_state", "gate_train_step", "split_params"]
+__all__ = ["gate_optimizer", "gated_apply_fn", "create_gate_state", "gate_train_step", "split_params", "jit_gate_step",
+           "GateHistory"]
 
 
 def gate_optimizer(
@@ -122,3 +128,65 @@ def gate_train_step(state: TrainState, batch: dict, rng: jax.Array, *, lambda_fn
 def jit_gate_step(lambda_fn: Callable) -> Callable:
     """``jax.jit(partial(gate_train_step, lambda_fn=lambda_fn), donate_argnums=0)``, for ``fit``."""
     return jax.jit(functools.partial(gate_train_step, lambda_fn=lambda_fn), donate_argnums=0)
+
+
+class GateHistory:
+    """A ``fit`` callback recording, every ``every`` steps and at step ``last``, the mean open
+    probability P[g > 0] of each gate group and lambda(step - 1) (the value that step used).
+
+    With ``path`` each record is appended to a JSON-lines file and the records already there
+    are read back, so a resumed ``fit`` returns the whole history: at its first call (step s,
+    one past the checkpoint it resumed from) the records of steps >= s, written by the killed
+    run after that checkpoint, are dropped and recomputed. Call :meth:`start` with the
+    initial log-alphas before ``fit`` to record step 0.
+    """
+
+    def __init__(self, lambda_fn: Callable, every: int, last: int, path: str | None = None):
+        self.lambda_fn, self.every, self.last, self.path = lambda_fn, max(1, int(every)), int(last), path
+        self.records: list[dict] = []
+        self._resumed = False
+        if path is not None and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        self.records.append(json.loads(line))
+                    except ValueError:  # a line torn by a kill
+                        pass
+
+    def _write(self, records: list[dict], mode: str) -> None:
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        target = self.path if mode == "a" else f"{self.path}.tmp-{os.getpid()}"  # a rewrite is atomic
+        with open(target, mode) as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        if target != self.path:
+            os.replace(target, self.path)
+
+    def record(self, step: int, log_alphas: Mapping[str, jax.Array]) -> None:
+        las = jax.device_get(log_alphas)
+        rec = {"step": int(step), "lambda": float(self.lambda_fn(max(step - 1, 0))),
+               "prob_open": {g: float(np.mean(np.asarray(G.prob_open(las[g])))) for g in sorted(las)}}
+        self.records.append(rec)
+        self._write([rec], "a")
+
+    def start(self, log_alphas: Mapping[str, jax.Array]) -> None:
+        """Record step 0 unless a previous run already did."""
+        if not any(r["step"] == 0 for r in self.records):
+            self.record(0, log_alphas)
+
+    def __call__(self, step: int, state: TrainState) -> None:
+        if not self._resumed:
+            self._resumed = True
+            if any(r["step"] >= step for r in self.records):
+                self.records = [r for r in self.records if r["step"] < step]
+                self._write(self.records, "w")
+        if step % self.every == 0 or step == self.last:
+            self.record(step, state.params["gates"])
+
+    def history(self) -> dict:
+        """``{'step': [...], 'lambda': [...], 'prob_open': {group: [...]}}`` in step order."""
+        recs = sorted(self.records, key=lambda r: r["step"])
+        groups = sorted(recs[0]["prob_open"]) if recs else []
+        return {"step": [r["step"] for r in recs], "lambda": [r["lambda"] for r in recs],
+                "prob_open": {g: [r["prob_open"][g] for r in recs] for g in groups}}
