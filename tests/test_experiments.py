@@ -183,20 +183,32 @@ def test_rerun_returns_the_finished_results_from_disk(smoke_run):
     assert _results(root, "train_baseline") == before["train_baseline"]
 
 
-def _kill_resume_matches(smoke_run, tmp_path, delays):
+def _finished_units(root):
+    return sum(f == "result.json" for _, _, files in os.walk(root) for f in files)
+
+
+def _kill_resume_matches(smoke_run, tmp_path, plan):
+    """Run reproduce.py into a fresh directory and, for each ``(units, extra_s)`` of ``plan``,
+    SIGKILL it ``extra_s`` seconds after ``units`` more units have finished than at its start
+    (kills land inside training, checkpoint writes, evaluation...); then finish it and compare
+    every results.json with the uninterrupted run's."""
     import signal
     import subprocess
+    import time
 
     root, cache, _ = smoke_run
     out = tmp_path / "killed"
     cmd = [sys.executable, "experiments/reproduce.py", "--preset", "smoke", "--results", str(out), "--quiet"]
     env = {**os.environ, "MERGEJAX_COMPILATION_CACHE": str(cache)}
     hits = 0
-    for delay in delays:
+    for units, extra in plan:
+        seen = _finished_units(out)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and _finished_units(out) < seen + units and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(extra)
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             hits += 1
         _, err = proc.communicate()
@@ -209,7 +221,7 @@ def _kill_resume_matches(smoke_run, tmp_path, delays):
 
 
 def test_sigkill_during_reproduce_then_rerun_gives_the_same_results(smoke_run, tmp_path):
-    assert _kill_resume_matches(smoke_run, tmp_path, [25.0]) == 1
+    assert _kill_resume_matches(smoke_run, tmp_path, [(6, 0.3)]) == 1
 
 
 @pytest.mark.slow
@@ -217,7 +229,7 @@ def test_sigkills_at_several_moments_of_reproduce(smoke_run, tmp_path):
     import random
 
     rng = random.Random(0)
-    delays = [rng.uniform(5.0, 40.0) for _ in range(6)]
-    hits = _kill_resume_matches(smoke_run, tmp_path, delays)
-    print(f"reproduce.py kills that hit a live process: {hits}/{len(delays)}")
-    assert hits >= 3
+    plan = [(rng.randint(1, 6), rng.uniform(0.0, 1.5)) for _ in range(8)]
+    hits = _kill_resume_matches(smoke_run, tmp_path, plan)
+    print(f"reproduce.py kills that hit a live process: {hits}/{len(plan)}")
+    assert hits >= 6

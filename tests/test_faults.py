@@ -182,3 +182,82 @@ def test_divergence_stops_in_one_line_and_leaves_only_finite_checkpoints(tmp_pat
     records = [json.loads(l, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
                for l in open(os.path.join(out, "metrics.jsonl"))]
     assert all(r["step"] <= 60 for r in records)
+
+
+# ---------------------------------------------------------------- merge and average killed
+
+
+def _teachers(tmp_path):
+    """Two small MLP teachers written by ``mergejax train`` (run directories with checkpoints)."""
+    outs = []
+    for seed in (0, 1):
+        out = str(tmp_path / f"teacher{seed}")
+        proc = subprocess.run([*_cmd(), "train", "--set", "model=mlp", "--set", "model_kwargs={'hidden': (32,)}",
+                               "--set", "steps=40", "--set", f"seed={seed}", "--quiet", "--out", out],
+                              env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(out)
+    return outs
+
+
+def _kill_at_moments(tmp_path, args, moments):
+    hits = 0
+    for delay in moments:
+        proc = subprocess.Popen([*_cmd(), *args], env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            hits += 1
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
+    done = subprocess.run([*_cmd(), *args], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return hits
+
+
+def _tree_equal(a_path, b_path):
+    import jax
+
+    from mergejax import checkpoint
+
+    a, b = checkpoint.load(a_path), checkpoint.load(b_path)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_average_killed_at_random_moments_gives_the_uninterrupted_output(tmp_path):
+    a, b = _teachers(tmp_path)
+    snapshot = {p: sorted(os.walk(p)) for p in (a, b)}
+    ref = str(tmp_path / "avg_ref")
+    assert subprocess.run([*_cmd(), "average", a, b, "--weights", "3", "1", "--out", ref], env=_env(tmp_path),
+                          capture_output=True, timeout=300).returncode == 0
+    out = str(tmp_path / "avg")
+    rng = random.Random(2)
+    hits = _kill_at_moments(tmp_path, ["average", a, b, "--weights", "3", "1", "--out", out],
+                            [rng.uniform(0.3, 1.8) for _ in range(3)])
+    print(f"average: kills that hit a live process {hits}/3")
+    _tree_equal(os.path.join(ref, "checkpoint"), os.path.join(out, "checkpoint"))
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no half-written output left beside it
+    assert {p: sorted(os.walk(p)) for p in (a, b)} == snapshot  # inputs untouched
+
+
+@pytest.mark.slow
+def test_merge_killed_at_random_moments_gives_the_uninterrupted_student(tmp_path):
+    a, b = _teachers(tmp_path)
+    args = ["--quiet", "--set", "gate_epochs=6.0", "--set", "finetune_epochs=6.0", "--set", "checkpoint_every=7"]
+    ref = str(tmp_path / "merge_ref")
+    t0 = time.monotonic()
+    proc = subprocess.run([*_cmd(), "merge", a, b, "--out", ref, *args], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = str(tmp_path / "merged")
+    rng = random.Random(3)  # each attempt resumes, so kill early enough to land inside the work left
+    hits = _kill_at_moments(tmp_path, ["merge", a, b, "--out", out, *args], [rng.uniform(0.3, 0.6) * took for _ in range(4)])
+    print(f"merge: kills that hit a live process {hits}/4")
+    _tree_equal(os.path.join(ref, "student"), os.path.join(out, "student"))
+    sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (ref, out))
+    for key in ("big_student_after_gates", "after_compression", "after_finetune"):
+        assert sa[key] == sb[key], key
