@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from typing import Any, Sequence
 
-import numpy as np
-
-
-def write_json(path: str, obj: Any) -> str:
-    """Atomically write ``obj`` as indented JSON (numpy scalars/arrays converted)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+from mergejax.rundir import write_json  # noqa: F401  (one JSON writer: atomic, NaN -> null)
 
 
 def write_outputs(out_dir: str, results: dict, table: str) -> None:
@@ -29,16 +17,6 @@ def write_outputs(out_dir: str, results: dict, table: str) -> None:
     with open(tmp, "w") as f:
         f.write(table)
     os.replace(tmp, os.path.join(out_dir, "table.md"))
-
-
-def _jsonable(x):
-    if isinstance(x, (np.generic,)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (tuple, set)):
-        return list(x)
-    return str(x)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".4f") -> str:

@@ -304,13 +304,11 @@ def fit(
     per_epoch = data_lib.steps_per_epoch(len(train_split), batch_size, remainder)
     eval_every = eval_every or per_epoch
     checkpoint_every = checkpoint_every or per_epoch
-    step_fn = step_fn or _jitted_train_step
-    eval_fn = _jitted_eval_step
+    loop = dict(num_steps=num_steps, batch_size=batch_size, seed=seed, eval_split=eval_split, eval_every=eval_every,
+                eval_batch_size=eval_batch_size, log_every=log_every, checkpoint_every=checkpoint_every,
+                remainder=remainder, callbacks=callbacks, step_fn=step_fn or _jitted_train_step, progress=progress)
     if workdir is None:
-        return _fit_loop(state, train_split, None, 0, num_steps=num_steps, batch_size=batch_size, seed=seed,
-                         eval_split=eval_split, eval_every=eval_every, eval_batch_size=eval_batch_size,
-                         log_every=log_every, checkpoint_every=checkpoint_every, remainder=remainder,
-                         callbacks=callbacks, step_fn=step_fn, eval_fn=eval_fn, progress=progress)
+        return _fit_loop(state, train_split, None, None, 0, **loop)
     run_manifest = rundir.make_manifest(
         "fit",
         {"fit": {"num_steps": num_steps, "batch_size": batch_size, "seed": seed, "remainder": remainder},
@@ -321,22 +319,19 @@ def fit(
     )
     with rundir.RunDir(workdir, run_manifest, overwrite=overwrite):
         manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"))
-        start, elapsed = 0, 0.0
-        log_path = os.path.join(workdir, "metrics.jsonl")
+        start = 0
         if manager.latest_step() is not None:
             state = state.replace_arrays(manager.restore(state.arrays()))
             start = int(state.step)
+        log_path = os.path.join(workdir, "metrics.jsonl")
         elapsed = _truncate_log(log_path, start)
         with open(log_path, "a") as log_file:
-            return _fit_loop(state, train_split, (manager, log_file), start, num_steps=num_steps, batch_size=batch_size,
-                             seed=seed, eval_split=eval_split, eval_every=eval_every, eval_batch_size=eval_batch_size,
-                             log_every=log_every, checkpoint_every=checkpoint_every, remainder=remainder,
-                             callbacks=callbacks, step_fn=step_fn, eval_fn=eval_fn, progress=progress, elapsed=elapsed)
+            return _fit_loop(state, train_split, manager, log_file, start, elapsed=elapsed, **loop)
 
 
-def _fit_loop(state, train_split, sinks, start, *, num_steps, batch_size, seed, eval_split, eval_every, eval_batch_size,
-              log_every, checkpoint_every, remainder, callbacks, step_fn, eval_fn, progress, elapsed=0.0):
-    manager, log_file = sinks if sinks is not None else (None, None)
+def _fit_loop(state, train_split, manager, log_file, start, *, num_steps, batch_size, seed, eval_split, eval_every,
+              eval_batch_size, log_every, checkpoint_every, remainder, callbacks, step_fn, progress, elapsed=0.0):
+    """The host loop of :func:`fit` from step ``start``; ``manager``/``log_file`` None without a workdir."""
     history: list[dict] = []
 
     def log(record):
@@ -368,7 +363,7 @@ def _fit_loop(state, train_split, sinks, start, *, num_steps, batch_size, seed, 
                 record = _mean_metrics(values)
                 if not np.isfinite(record["loss"]):
                     first = next(i for i, v in enumerate(values) if not np.isfinite(v["loss"]))
-                    bad = first_nonfinite_leaf(state.params)
+                    bad = _first_bad(state.arrays())
                     raise Diverged(
                         f"non-finite loss {float(values[first]['loss'])} at step {done - len(values) + first + 1} "
                         f"(detected at step {done}); first bad parameter: {bad}"
@@ -376,7 +371,7 @@ def _fit_loop(state, train_split, sinks, start, *, num_steps, batch_size, seed, 
                 log({"step": done, "split": "train", **record, "time_s": time.perf_counter() - t0})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
             if eval_split is not None and (done % eval_every == 0 or done == num_steps):
-                log({"step": done, "split": "test", **evaluate(state, eval_split, eval_batch_size, eval_fn)})
+                log({"step": done, "split": "test", **evaluate(state, eval_split, eval_batch_size, _jitted_eval_step)})
             if manager is not None and (done % checkpoint_every == 0 or done == num_steps):
                 arrays = state.arrays()
                 if not all_finite(arrays):
