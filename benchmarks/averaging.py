@@ -25,25 +25,24 @@ import sys
 import tempfile
 import textwrap
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 _MEM = """
 import json, sys, time
-sys.path.insert(0, {repo!r})
 mode, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
 t0 = time.perf_counter()
 if mode == "cli":
     from mergejax import cli
     cli.main(["average", *paths, "--out", out])
 elif mode == "naive":
-    from mergejax import averaging, checkpoint
-    from mergejax.average_cli import load_variables
+    from mergejax.averaging import weights as averaging
+    from mergejax.core import checkpoint
+    from mergejax.cli.average import load_variables
     trees = [load_variables(p) for p in paths]
     checkpoint.save(out, averaging.average(trees))
 else:  # baseline: import + load one checkpoint
-    from mergejax.average_cli import load_variables
+    from mergejax.cli.average import load_variables
     load_variables(paths[0])
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the (large) parent.
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
@@ -52,11 +51,11 @@ print(json.dumps({{"wall_s": time.perf_counter() - t0, "peak_rss_mb": int(hwm) /
 
 _DP = """
 import json, sys, time
-sys.path.insert(0, {repo!r})
 import jax, numpy as np, optax
-from mergejax import parallel
-from mergejax.models import make_model
-from mergejax.train import create_state, train_step
+from mergejax.averaging import parallel
+from mergejax.core.data import shard_batch
+from mergejax.core.models import make_model
+from mergejax.core.train import create_state, train_step
 model_name, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 shape = (8, 8, 1) if model_name == "cnn" else (32, 32, 3)
 model = make_model(model_name, 10)
@@ -67,7 +66,7 @@ rng = jax.random.key(0)
 res = {{"devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}}
 mesh = parallel.data_mesh()
 for name, step, bb in (("single", jax.jit(train_step), jax.device_put(b, jax.devices()[0])),
-                       ("dp", parallel.make_dp_step(mesh), parallel.shard(b, mesh))):
+                       ("dp", parallel.make_dp_step(mesh), shard_batch(b, mesh))):
     t0 = time.perf_counter(); s, _ = step(state, bb, rng); jax.block_until_ready(s); res[name + "_first_call_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(steps):
@@ -89,8 +88,8 @@ def _run(code, args, env=None):
 def make_checkpoints(root, n, model="resnet56"):
     import jax
 
-    from mergejax import checkpoint
-    from mergejax.models import count_params, init_variables, make_model
+    from mergejax.core import checkpoint
+    from mergejax.core.models import count_params, init_variables, make_model
 
     net = make_model(model, 10)
     p, s = init_variables(net, jax.random.key(0), (1, 32, 32, 3))
@@ -146,7 +145,7 @@ def main(argv=None):
     table = header + report.markdown_table(mem_rows, floatfmt=".2f")
     if dp_rows:
         table += ("\nData-parallel step (shard_map over the devices) vs single-device train_step, same global batch; "
-                  "mean over the timed steps (5) after a first (compiling) call.\n\n" + report.markdown_table(dp_rows, floatfmt=".2f"))
+                  f"mean over the timed steps ({args.dp_steps}) after a first (compiling) call.\n\n" + report.markdown_table(dp_rows, floatfmt=".2f"))
     print("\n" + table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from mergejax import freezeout as fo  # noqa: E402
-from mergejax import report  # noqa: E402
-from mergejax.models import init_variables, make_model  # noqa: E402
-from mergejax.train import create_state, make_optimizer  # noqa: E402
+from mergejax import freezeout as fo
+from mergejax import report
+from mergejax.core.models import init_variables, make_model
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import create_state
 
 SCHEDULES = {"baseline": dict(t0=1.0, spacing="linear"), "cubic t0=0.8": dict(t0=0.8, spacing="cubic"),
              "linear t0=0.5": dict(t0=0.5, spacing="linear")}
@@ -39,9 +37,10 @@ INPUTS = {"mlp": ((8, 8, 1), dict(hidden=(512,) * 6)), "resnet20": ((32, 32, 3),
 def _loop(plan, steps, state, batches, rng):
     """(wall seconds, process CPU seconds) of ``plan.total_steps`` staged steps."""
     step_fn = fo.staged_step_fn(plan, steps)
+    step_rng = jax.jit(jax.random.fold_in)  # as in fit
     t, c = time.perf_counter(), time.process_time()
     for i in range(plan.total_steps):
-        state, _ = step_fn(state, batches[i % len(batches)], jax.random.fold_in(rng, i))
+        state, _ = step_fn(state, batches[i % len(batches)], step_rng(rng, i))
     jax.block_until_ready(state)
     return time.perf_counter() - t, time.process_time() - c
 
@@ -63,19 +62,21 @@ def bench(name, *, batch, num_steps, repeats, max_stages, seed=0, stage_reps=15)
     model = make_model(name, 10, **kw)
     plans = {k: fo.make_plan(model.layer_names(), num_steps, lr=0.05, max_stages=max_stages, **v) for k, v in SCHEDULES.items()}
     tx = fo.freezeout_tx(plans["baseline"], make_optimizer("sgd", 1.0, momentum=0.9, nesterov=True, weight_decay=1e-4))
-    template = create_state(model, jax.random.key(seed), (1, *shape), tx)
-    keys = jax.random.split(jax.random.key(seed + 1), 4)
+    init_key, data_key, rng = jax.random.split(jax.random.key(seed), 3)
+    template = create_state(model, init_key, (1, *shape), tx)
+    keys = jax.random.split(data_key, 4)
     batches = [{"image": jax.random.normal(k, (batch, *shape)), "label": jax.random.randint(k, (batch,), 0, 10)} for k in keys]
-    rng = jax.random.key(seed + 2)
 
     def fresh(plan):
-        params, batch_stats = init_variables(model, jax.random.key(seed), (1, *shape))
+        params, batch_stats = init_variables(model, init_key, (1, *shape))
         return template.replace(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                                 opt_state=fo.with_plan(tx.init(params), plan))
 
-    steps, costs = {}, {}
+    steps, costs, cache = {}, {}, {}  # cache: stages compiled once, shared by the plans
     for plan in plans.values():
-        steps, costs = fo.compile_stages(plan, fresh(plan), batches[0], rng, steps, costs)
+        s, c = fo.compile_stages(plan, fresh(plan), batches[0], rng, cache)
+        steps.update(s)
+        costs.update(c)
     print(f"== {name}: {len(model.layer_names())} layers, {len(costs)} compiled stages")
     for label, plan in plans.items():
         if label != "baseline":

@@ -17,21 +17,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mergejax import data as data_lib  # noqa: E402
-from mergejax import report, schedules  # noqa: E402
-from mergejax.models import make_model  # noqa: E402
-from mergejax.snapshot import SnapshotCollector, ensemble_log_probs, ensemble_sums, stack_trees  # noqa: E402
-from mergejax.train import create_state, make_optimizer, train_step  # noqa: E402
+from mergejax import report
+from mergejax.core import data as data_lib
+from mergejax.core import optim as schedules
+from mergejax.core import rundir
+from mergejax.core.models import init_variables, make_model
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import STEP_STATIC, create_state, train_step
+from mergejax.ensembles.snapshot import SnapshotCollector, ensemble_log_probs, ensemble_sums, stack_snapshots
 
 
 def _loop(step_fn, state, batches, steps, callbacks):
@@ -49,7 +49,7 @@ def bench_training(model, train, args):
     lr_fn = schedules.snapshot_cosine(0.1, args.steps, args.snapshots)
     tx = make_optimizer("sgd", lr_fn, momentum=0.9, nesterov=True, weight_decay=1e-4)
     state0 = create_state(model, jax.random.key(0), (1, *train.images.shape[1:]), tx, lr_fn=lr_fn)
-    step_fn = jax.jit(train_step, donate_argnums=0)
+    step_fn = jax.jit(train_step, donate_argnums=0, static_argnames=STEP_STATIC)
     it = data_lib.batches(train, args.batch_size, seed=0)
     batches = [jax.device_put(next(it)) for _ in range(16)]
     bounds = schedules.snapshot_boundaries(args.steps, args.snapshots)
@@ -89,8 +89,6 @@ def bench_training(model, train, args):
 
 def bench_eval(model, test, args):
     apply_fn = create_state(model, jax.random.key(0), (1, *test.images.shape[1:]), make_optimizer("sgd", 0.1)).apply_fn
-    from mergejax.models import init_variables
-
     shape = (1, *test.images.shape[1:])
     snaps = [dict(zip(("params", "batch_stats"), init_variables(model, jax.random.key(i), shape))) for i in range(max(args.members))]
     batch = jax.device_put({"image": test.images[: args.eval_batch], "label": test.labels[: args.eval_batch],
@@ -118,7 +116,7 @@ def bench_eval(model, test, args):
 
     rows = []
     for m in args.members:
-        st = stack_trees(snaps[:m])
+        st = stack_snapshots(snaps[:m])
         v = timeit(lambda: sums(apply_fn, st["params"], st["batch_stats"], batch, member_map="vmap"))
         lm = timeit(lambda: sums(apply_fn, st["params"], st["batch_stats"], batch, member_map="map"))
         lp = timeit(lambda: loop(snaps[:m]))
@@ -161,7 +159,7 @@ def main(argv=None):
     text = head + t1 + f"\nEnsemble evaluation of {min(args.eval_batch, len(test))} test images (one batch), ms per call:\n\n" + t2
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    report.write_json(os.path.join(args.out, "snapshot.json"), {"args": vars(args), "device": device, "training": tr, "eval": ev})
+    rundir.write_json(os.path.join(args.out, "snapshot.json"), {"args": vars(args), "device": device, "training": tr, "eval": ev})
     with open(os.path.join(args.out, "snapshot.md"), "w") as f:
         f.write(text)
 

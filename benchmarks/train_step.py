@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mergejax import data, report  # noqa: E402
-from mergejax.models import make_model  # noqa: E402
-from mergejax.train import create_state, fit, make_optimizer, step_rng, train_step  # noqa: E402
+from mergejax import report
+from mergejax.core import data
+from mergejax.core.loop import fit
+from mergejax.core.models import make_model
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import STEP_STATIC, create_state, train_step
 
 
 def _copy(state):
@@ -38,6 +38,7 @@ def _copy(state):
 def _bare_loop(state, split, step, num_steps, batch_size, seed):
     """The minimum a training loop does: next batch, step rng, step, repeat; one sync at the end."""
     rng = jax.random.key(seed)
+    step_rng = jax.jit(jax.random.fold_in)  # as in fit: one dispatch instead of eager fold_in
     stream = data.batches(split, batch_size, seed=seed)
     for i in range(num_steps):
         state, _ = step(state, next(stream), step_rng(rng, i))
@@ -53,7 +54,8 @@ def bench(name, split, batch_size, steps, fit_steps, repeats, seed=0, **model_kw
     model = make_model(name, split.num_classes, **model_kwargs)
     tx = make_optimizer("sgd", 0.05, momentum=0.9, weight_decay=5e-4)
     state = create_state(model, jax.random.key(seed), (1, *split.images.shape[1:]), tx)
-    step = jax.jit(train_step, donate_argnums=0)
+    step = jax.jit(train_step, donate_argnums=0, static_argnames=STEP_STATIC)
+    step_rng = jax.jit(jax.random.fold_in)
     batch = jax.device_put(next(data.batches(split, batch_size, seed=seed)))
     rng = jax.random.key(seed)
 

@@ -1,136 +1,95 @@
-"""Averaging gradients vs averaging weights (issue 3).
+"""Averaging gradients vs averaging weights (issue 3). ``python experiments/averaging.py [--preset smoke] [--set seeds=(0,)]``
 
-    python experiments/averaging.py                 # tiny: MLPs on digits, 3 seeds, a few minutes on CPU
-    python experiments/averaging.py --set seeds=(0,) --set two_process=False
-
-(a) local SGD (K local steps, then average weights) vs synchronous gradient averaging on the
-    same batches, K in (1, 2, 8, 32, 128), for SGD and momentum: parameter distance, test accuracy.
-(b) two independently initialised and trained networks: naive vs weight-matched (Git Re-Basin)
-    linear interpolation, test loss/accuracy along the path, loss barrier, PNG of the path.
-(c) model soups of fine-tunes of one pre-trained network: best single vs uniform vs greedy.
-(d) local SGD across 2 real processes (jax.distributed, CPU) vs the single-process result.
-
-Units (``units/...``; a re-run reads finished ones from disk): ``divergence/<opt>/seed<s>``,
-``interp/seed<s>/net0|net1|path``, ``soups/seed<s>/pretrain|finetune<i>|soup``, ``two_process``.
-The networks of (b) and (c) train with ``fit`` in ``<unit>/fit`` (checkpointed, resumed after a kill).
+(a) local SGD (K local steps, then average weights) vs synchronous gradient averaging on the same batches, for SGD
+    and momentum; (b) naive vs weight-matched (Git Re-Basin) interpolation of two independently trained networks;
+(c) best single vs uniform vs greedy soup of fine-tunes; (d) local SGD across 2 real processes (jax.distributed).
+Units (re-runs read finished ones from disk): ``divergence/<opt>/seed<s>``, ``interp/seed<s>/net0|net1|path``,
+``soups/seed<s>/pretrain|finetune<i>|soup``, ``two_process``; (b), (c) ``fit`` in ``<unit>/fit`` (checkpointed).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
-import optax
 
-from mergejax import checkpoint, connectivity, distributed, local_sgd, report, soups
-from mergejax import data as data_lib
+from mergejax import report
+from mergejax.averaging import connectivity, distributed, local_sgd, soups
 from mergejax.config import to_dict
+from mergejax.core import checkpoint, data as data_lib
+from mergejax.core.loop import evaluate, fit
+from mergejax.core.models import make_model
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import create_state
 from mergejax.experiment import experiment_main, unit
-from mergejax.models import make_model
-from mergejax.train import create_state, evaluate, fit
 
-NAME = "averaging"
-ORDER = 10
+NAME, ORDER, PRESETS = "averaging", 10, ("tiny", "smoke", "paper")
 
 
-@dataclasses.dataclass(frozen=True)
-class AveragingConfig:
-    dataset: str = "digits"
-    seeds: tuple = (0, 1, 2)
-    # (a) local SGD vs gradient averaging
-    hidden: tuple = (64,)
-    workers: int = 4
-    worker_batch: int = 16
-    total_steps: int = 128
-    ks: tuple = (1, 2, 8, 32, 128)
-    lr_sgd: float = 0.05
-    lr_momentum: float = 0.01  # with momentum 0.9 the effective step is lr / (1 - 0.9) = 0.1
-    # (b) two independent networks
-    pair_hidden: tuple = (256,)
-    pair_steps: int = 600
-    pair_lr: float = 0.05
-    batch_size: int = 64
-    interp_points: int = 11
-    # (c) soups
-    soup_pretrain_steps: int = 300
-    soup_finetune_steps: int = 150
-    soup_lrs: tuple = (0.003, 0.01, 0.03, 0.1, 0.3)
-    val_fraction: float = 0.2
-    # (d)
-    two_process: bool = True
-    checkpoint_every: int = 300  # steps between fit checkpoints in (b), (c)
+def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(dict(
+        dataset="digits", seeds=(0, 1, 2),
+        # (a) local SGD vs gradient averaging; with momentum 0.9 the effective step is lr / (1 - 0.9) = 0.1
+        hidden=(64,), workers=4, worker_batch=16, total_steps=128, ks=(1, 2, 8, 32, 128), lr_sgd=0.05, lr_momentum=0.01,
+        # (b) two independent networks; (c) soups of fine-tunes with these learning rates
+        pair_hidden=(256,), pair_steps=600, pair_lr=0.05, batch_size=64, interp_points=11,
+        soup_pretrain_steps=300, soup_finetune_steps=150, soup_lrs=(0.003, 0.01, 0.03, 0.1, 0.3), val_fraction=0.2,
+        two_process=True, checkpoint_every=300))  # (d); steps between fit checkpoints in (b), (c)
+    if preset == "paper":
+        # The papers' CIFAR-10-scale runs are out of reach on CPU; the same protocol on MNIST with wider MLPs
+        # (Ainsworth et al. 2022 match a 3x512 MLP on MNIST; Wortsman et al. 2022 soup 72 fine-tunes).
+        c.update(dataset="mnist", hidden=(512, 512, 512), pair_hidden=(512, 512, 512), workers=8, worker_batch=64, total_steps=1024,
+                 pair_steps=6000, soup_pretrain_steps=3000, soup_finetune_steps=1000, checkpoint_every=1000)
+    elif preset == "smoke":  # seconds: the pipeline end to end (CI), not the method; no second process
+        c.update(seeds=(0,), hidden=(16,), workers=2, worker_batch=8, total_steps=8, ks=(1, 4), pair_hidden=(32,), pair_steps=30,
+                 interp_points=3, soup_pretrain_steps=20, soup_finetune_steps=10, soup_lrs=(0.01, 0.1), two_process=False,
+                 checkpoint_every=10)
+    return c
 
 
-def tiny() -> AveragingConfig:
-    return AveragingConfig()
+def _pick(config, *keys, **extra) -> dict:
+    return {"dataset": config.dataset, **{k: config[k] for k in keys}, **extra}
 
 
-def paper() -> AveragingConfig:
-    # Closest settings to the papers on CIFAR-10-scale hardware is out of reach on CPU; this
-    # preset scales the same protocol to MNIST with wider MLPs (Ainsworth et al. 2022 use a
-    # 3x512 MLP on MNIST for weight matching; Wortsman et al. 2022 soup 72 fine-tunes).
-    return AveragingConfig(dataset="mnist", hidden=(512, 512, 512), pair_hidden=(512, 512, 512), workers=8,
-                           worker_batch=64, total_steps=1024, ks=(1, 2, 8, 32, 128), pair_steps=6000,
-                           soup_pretrain_steps=3000, soup_finetune_steps=1000, seeds=(0, 1, 2), checkpoint_every=1000)
-
-
-def smoke() -> AveragingConfig:
-    """Seconds: checks the pipeline end to end (CI), not the method; no second process."""
-    return AveragingConfig(seeds=(0,), hidden=(16,), workers=2, worker_batch=8, total_steps=8, ks=(1, 4), pair_hidden=(32,),
-                           pair_steps=30, interp_points=3, soup_pretrain_steps=20, soup_finetune_steps=10,
-                           soup_lrs=(0.01, 0.1), two_process=False, checkpoint_every=10)
-
-
-PRESETS = {"tiny": tiny, "paper": paper, "smoke": smoke}
-
-
-def _pick(config, *fields, **extra) -> dict:
-    return {"dataset": config.dataset, **{f: getattr(config, f) for f in fields}, **extra}
-
-
-def _fit_unit(make_state, split, evals, *, steps, seed, cfg, config, progress):
-    """Unit body: ``fit`` ``make_state()`` in ``<unit>/fit`` (checkpointed); returns ``{split: metrics}``."""
+def _fit(out_dir, name, cfg, start, split, evals, *, steps, seed, config, progress, inputs=None) -> dict:
+    """Unit ``name``: ``fit`` ``start()`` in ``<unit>/fit`` (checkpointed, resumed); returns ``{eval split: metrics}``."""
     def fn(workdir):
-        state, _ = fit(make_state(), split, num_steps=steps, batch_size=config.batch_size, seed=seed, progress=progress,
+        state, _ = fit(start(), split, num_steps=steps, batch_size=config.batch_size, seed=seed, progress=progress,
                        manifest=cfg, workdir=os.path.join(workdir, "fit"), checkpoint_every=config.checkpoint_every)
-        return {name: evaluate(state, s) for name, s in evals.items()}
-    return fn
+        return {k: evaluate(state, s) for k, s in evals.items()}
+    return unit(out_dir, name, cfg, fn, inputs=inputs)
 
 
 def _restore(out_dir, name, like):
     """``like`` (a state) with the final arrays of unit ``name``'s ``fit`` run."""
-    manager = checkpoint.Manager(os.path.join(out_dir, "units", name, "fit", "checkpoints"))
-    return like.replace_arrays(manager.restore(like.arrays()))
+    return like.replace_arrays(checkpoint.Manager(os.path.join(out_dir, "units", name, "fit", "checkpoints")).restore(like.arrays()))
 
 
-def divergence(config, out_dir, opt, seed, train, test, sgd, rounds):
-    model = make_model("mlp", train.num_classes, hidden=config.hidden)
+def divergence(config, out_dir, opt, seed, train, test):
+    model, shape = make_model("mlp", train.num_classes, hidden=config.hidden), (1, *train.images.shape[1:])
+    tx = make_optimizer("sgd", config.lr_sgd, momentum=0.0) if opt == "sgd" else make_optimizer("sgd", config.lr_momentum, momentum=0.9)
     cfg = _pick(config, "hidden", "workers", "worker_batch", "total_steps", "ks", "lr_sgd", "lr_momentum", optimizer=opt, seed=seed)
     kw = dict(num_steps=config.total_steps, batch_size=config.workers * config.worker_batch, seed=seed)
-    tx = sgd(config.lr_sgd, 0.0) if opt == "sgd" else sgd(config.lr_momentum, 0.9)
 
-    def fn(workdir):  # synchronous: fit on global batches of W * b; local SGD shards the same stream
-        start = lambda: create_state(model, jax.random.key(seed), (1, *train.images.shape[1:]), tx)  # noqa: E731 (fit donates)
-        sync, _ = fit(start(), train, **kw, progress=False)  # seconds: the unit reruns it rather than checkpoint it
-        rows = local_sgd.divergence(start(), sync, train, test, num_workers=config.workers, ks=config.ks, rounds=rounds, **kw)
+    def fn(workdir):  # synchronous: fit on global batches of W * b; local SGD shards the same stream (seconds: not checkpointed)
+        sync, _ = fit(create_state(model, jax.random.key(seed), shape, tx), train, **kw, progress=False)
+        rows = local_sgd.divergence(create_state(model, jax.random.key(seed), shape, tx), sync, train, test,
+                                    num_workers=config.workers, ks=config.ks, **kw)
         return {"rows": [{"optimizer": opt, "seed": seed, **r} for r in rows]}
     return unit(out_dir, f"divergence/{opt}/seed{seed}", cfg, fn)["rows"]
 
 
-def aligned_pair(config, out_dir, seed, train, test, sgd, progress):
-    model, tx = make_model("mlp", train.num_classes, hidden=config.pair_hidden), sgd(config.pair_lr, 0.9)
+def aligned_pair(config, out_dir, seed, train, test, progress):
+    model, tx = make_model("mlp", train.num_classes, hidden=config.pair_hidden), make_optimizer("sgd", config.pair_lr, momentum=0.9)
     fresh = lambda key: create_state(model, jax.random.key(key), (1, *train.images.shape[1:]), tx)  # noqa: E731
-    cfg, names, nets = _pick(config, "pair_hidden", "pair_steps", "pair_lr", "batch_size", seed=seed), [], []
-    for j in (0, 1):  # network j: init key 1000 + 2 seed + j, data order 2 seed + j
-        c, names = {**cfg, "net": j}, names + [f"interp/seed{seed}/net{j}"]
-        body = _fit_unit(lambda j=j: fresh(1000 + 2 * seed + j), train, {"test": test}, steps=config.pair_steps, seed=2 * seed + j,
-                         cfg=c, config=config, progress=progress)
-        nets.append(unit(out_dir, names[j], c, body))
+    cfg = _pick(config, "pair_hidden", "pair_steps", "pair_lr", "batch_size", seed=seed)
+    names = [f"interp/seed{seed}/net{j}" for j in (0, 1)]  # network j: init key 1000 + 2 seed + j, data order 2 seed + j
+    nets = [_fit(out_dir, names[j], {**cfg, "net": j}, lambda j=j: fresh(1000 + 2 * seed + j), train, {"test": test},
+                 steps=config.pair_steps, seed=2 * seed + j, config=config, progress=progress) for j in (0, 1)]
 
     def fn(workdir):
         a, b = (_restore(out_dir, n, fresh(0)) for n in names)
@@ -139,24 +98,22 @@ def aligned_pair(config, out_dir, seed, train, test, sgd, progress):
     return unit(out_dir, f"interp/seed{seed}/path", {**cfg, "interp_points": config.interp_points}, fn, inputs=dict(zip(names, nets)))
 
 
-def soup(config, out_dir, seed, train, test, sgd, progress):
-    model, pre_tx = make_model("mlp", train.num_classes, hidden=config.hidden), sgd(0.05, 0.9)
+def soup(config, out_dir, seed, train, test, progress):
+    model, pre_tx = make_model("mlp", train.num_classes, hidden=config.hidden), make_optimizer("sgd", 0.05, momentum=0.9)
     fresh = lambda tx, key=0: create_state(model, jax.random.key(key), (1, *train.images.shape[1:]), tx)  # noqa: E731
     perm, nval = np.random.default_rng(seed).permutation(len(train)), int(len(train) * config.val_fraction)
     val, sub = (data_lib.Split(train.images[i], train.labels[i], train.num_classes, f"{train.name}:{n}")
                 for i, n in ((perm[:nval], "val"), (perm[nval:], "train")))
     cfg, pre = _pick(config, "hidden", "batch_size", "soup_pretrain_steps", "val_fraction", seed=seed), f"soups/seed{seed}/pretrain"
-    body = _fit_unit(lambda: fresh(pre_tx, seed), sub, {"val": val}, steps=config.soup_pretrain_steps, seed=seed, cfg=cfg,
-                     config=config, progress=progress)
-    pre_result = unit(out_dir, pre, cfg, body)
+    pre_result = _fit(out_dir, pre, cfg, lambda: fresh(pre_tx, seed), sub, {"val": val}, steps=config.soup_pretrain_steps, seed=seed,
+                      config=config, progress=progress)
     cfg, names, scores = {**cfg, "soup_finetune_steps": config.soup_finetune_steps}, [], []
-    pre_params = functools.cache(lambda: jax.device_get(_restore(out_dir, pre, fresh(pre_tx)).params))  # host copy: fit donates
+    pre_params = jax.device_get(_restore(out_dir, pre, fresh(pre_tx)).params)  # host copy: fit donates its state
     for i, lr in enumerate(config.soup_lrs):  # the pre-trained weights, a fresh optimizer state
-        tx, c, names = sgd(lr, 0.9), {**cfg, "lr": lr}, names + [f"soups/seed{seed}/finetune{i}"]
-        start = lambda tx=tx: fresh(tx).replace(params=pre_params())  # noqa: E731
-        body = _fit_unit(start, sub, {"val": val, "test": test}, steps=config.soup_finetune_steps, seed=100 * seed + i + 1, cfg=c,
-                         config=config, progress=progress)
-        scores.append(unit(out_dir, names[i], c, body, inputs={pre: pre_result}))
+        tx, names = make_optimizer("sgd", lr, momentum=0.9), names + [f"soups/seed{seed}/finetune{i}"]
+        scores.append(_fit(out_dir, names[i], {**cfg, "lr": lr}, lambda tx=tx: fresh(tx).replace(params=pre_params), sub,
+                           {"val": val, "test": test}, steps=config.soup_finetune_steps, seed=100 * seed + i + 1, config=config,
+                           progress=progress, inputs={pre: pre_result}))
 
     def fn(workdir):
         like = _restore(out_dir, pre, fresh(pre_tx))
@@ -168,32 +125,29 @@ def soup(config, out_dir, seed, train, test, sgd, progress):
 
 
 def two_process(out_dir):
-    cfg = {"processes": 2, "seed": 0, "rounds": distributed.ROUNDS, "local_steps": distributed.LOCAL_STEPS}
     try:
-        return unit(out_dir, "two_process", cfg, lambda workdir: distributed.check(workdir))
+        return unit(out_dir, "two_process", {"processes": 2, "seed": 0, "rounds": distributed.ROUNDS, "local_steps": distributed.LOCAL_STEPS},
+                    distributed.check)
     except distributed.LaunchError as e:  # reported, not stored: a re-run tries again
         return {"ok": False, "error": str(e)}
 
 
-def run(config: AveragingConfig, out_dir: str, progress: bool = True) -> dict:
+def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     train, test = data_lib.load(config.dataset, "train"), data_lib.load(config.dataset, "test")
-    # One optimizer object per setting and one round per K: states that share them share compilations.
-    sgd = functools.cache(lambda lr, momentum: optax.sgd(lr, momentum=momentum or None))
-    rounds, opts = {k: local_sgd.make_round(config.workers) for k in config.ks}, ("sgd", "momentum")
-    div = [r for opt in opts for s in config.seeds for r in divergence(config, out_dir, opt, s, train, test, sgd, rounds)]
-    pairs = [aligned_pair(config, out_dir, s, train, test, sgd, progress) for s in config.seeds]
-    soup_runs = [soup(config, out_dir, s, train, test, sgd, progress) for s in config.seeds]
+    opts = ("sgd", "momentum")  # (a) SGD and SGD with momentum 0.9
+    div = [r for opt in opts for s in config.seeds for r in divergence(config, out_dir, opt, s, train, test)]
+    pairs = [aligned_pair(config, out_dir, s, train, test, progress) for s in config.seeds]
+    soup_runs = [soup(config, out_dir, s, train, test, progress) for s in config.seeds]
     dist = two_process(out_dir) if config.two_process else {"ok": None, "skipped": True}
 
-    ms, sel = report.fmt_mean_std, lambda o, k: [r for r in div if r["optimizer"] == o and r["K"] == k]  # noqa: E731
-    sci = lambda v: "{mean:.2e} ± {std:.1e}".format(**report.mean_std(v))  # noqa: E731
-    rows_a = [{"optimizer": o, "K": k, "param dist": sci([r["param_dist"] for r in sel(o, k)]),
-               "rel dist": ms([r["rel_dist"] for r in sel(o, k)], digits=4), "local SGD acc": ms([r["local_acc"] for r in sel(o, k)], 100),
-               "grad-avg acc": ms([r["sync_acc"] for r in sel(o, k)], 100)} for o in opts for k in config.ks]
-    rows_b = [{"method": m, "loss barrier": ms([r[f"{m}_barrier"] for r in pairs], digits=3),
-               "midpoint acc": ms([r[f"{m}_mid_acc"] for r in pairs], 100),
-               "endpoint acc": ms([x for r in pairs for x in r["end_acc"]], 100)} for m in ("naive", "aligned")]
+    ms, sel = report.fmt_mean_std, lambda o, k, key: [r[key] for r in div if r["optimizer"] == o and r["K"] == k]  # noqa: E731
+    rows_a = [{"optimizer": o, "K": k, "param dist": "{mean:.2e} ± {std:.1e}".format(**report.mean_std(sel(o, k, "param_dist"))),
+               "rel dist": ms(sel(o, k, "rel_dist"), digits=4), "local SGD acc": ms(sel(o, k, "local_acc"), 100),
+               "grad-avg acc": ms(sel(o, k, "sync_acc"), 100)} for o in opts for k in config.ks]
+    rows_b = [{"method": m, "loss barrier": ms([r[f"{m}_barrier"] for r in pairs], digits=3), "midpoint acc":
+               ms([r[f"{m}_mid_acc"] for r in pairs], 100), "endpoint acc": ms([x for r in pairs for x in r["end_acc"]], 100)}
+              for m in ("naive", "aligned")]
     rows_c = [{"model": m, "test acc": ms([r[f"{k}_test"] for r in soup_runs], 100), "val acc": ms([r[f"{k}_val"] for r in soup_runs], 100)}
               for m, k in (("best single (by val)", "best_single"), ("uniform soup", "uniform"), ("greedy soup", "greedy"))]
     table = (f"## (a) Local SGD (K local steps, then weight averaging) vs gradient averaging\n\n{config.workers} workers x batch "
@@ -211,7 +165,7 @@ def run(config: AveragingConfig, out_dir: str, progress: bool = True) -> dict:
                             {"naive": (ts, mean_loss("naive")), "aligned (weight matching)": (ts, mean_loss("aligned"))},
                             xlabel="t  ((1-t) A + t B)", ylabel="test loss (nats)", title="Interpolating two independently trained MLPs")
     p2 = report.plot_curves(os.path.join(out_dir, "divergence.png"),
-                            {o: (list(np.log2(config.ks)), [float(np.mean([r["rel_dist"] for r in sel(o, k)])) for k in config.ks]) for o in opts},
+                            {o: (list(np.log2(config.ks)), [float(np.mean(sel(o, k, "rel_dist"))) for k in config.ks]) for o in opts},
                             xlabel="log2 K (local steps between averages)", ylabel="relative distance to gradient averaging",
                             title="Local SGD vs gradient averaging")
     results = {"experiment": NAME, "config": to_dict(config), "divergence": div, "interpolation": pairs, "soups": soup_runs,

@@ -9,7 +9,7 @@ Outputs go to ``results/<preset>/`` (``--results`` to change). Each experiment r
 kill this command at any moment and run it again to finish without redoing finished units;
 a directory holding another config is refused in one line (``--overwrite`` replaces it).
 
-An experiment is any ``experiments/<name>.py`` defining ``NAME``, ``PRESETS``, ``run(config,
+An experiment is any ``experiments/<name>.py`` defining ``NAME``, ``PRESETS``, ``get_config(preset)``, ``run(config,
 out_dir, progress)`` (returning ``{'results', 'table', 'plots'}``) and ``ORDER`` (its place in
 the report); no list to maintain here.
 """
@@ -27,9 +27,8 @@ import time
 import jax
 
 from mergejax.cli import quiet_libraries, run_entry_point
-from mergejax.config import choose_preset
-from mergejax.errors import UserError
-from mergejax.experiment import run_experiment
+from mergejax.core.errors import UserError
+from mergejax.experiment import get_config, run_experiment
 from mergejax.run import enable_compilation_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +45,7 @@ def discover():
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
-        if all(hasattr(mod, a) for a in ("NAME", "PRESETS", "run", "ORDER")):
+        if all(hasattr(mod, a) for a in ("NAME", "PRESETS", "get_config", "run", "ORDER")):
             mods.append(mod)
     return sorted(mods, key=lambda m: m.ORDER)
 
@@ -81,7 +80,7 @@ def _main(argv) -> int:
         out_dir = os.path.join(args.results, mod.NAME)
         print(f"== {mod.NAME} ({args.preset}) -> {out_dir}", flush=True)
         t0 = time.perf_counter()
-        out = run_experiment(mod, choose_preset(mod.PRESETS, args.preset), out_dir, progress=not args.quiet,
+        out = run_experiment(mod, get_config(mod, args.preset), out_dir, progress=not args.quiet,
                              overwrite=args.overwrite, preset=args.preset)
         took = time.perf_counter() - t0
         timings[mod.NAME] = took

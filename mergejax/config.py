@@ -1,101 +1,152 @@
-"""Configs are frozen dataclasses; presets are functions returning one; the command line
-overrides any field with ``key=value`` (dotted paths reach nested configs and dicts)."""
+"""Configs as the JAX ecosystem writes them: ``ml_collections.ConfigDict``.
+
+An experiment's ``get_config(preset)`` returns a ConfigDict (big_vision / Flax examples
+style); the command line overrides any key with ``key=value`` (dotted paths reach nested
+dicts) and ``--list-config`` prints every key with its value and type. ConfigDicts are
+type-safe: ``lr=abc`` on a float key is refused, ints widen to floats.
+
+:func:`train_config` is the one description of a supervised training run, used by every
+pillar's experiment (a merge's fine-tuning, a snapshot run, a FreezeOut sweep point).
+"""
 
 from __future__ import annotations
 
 import ast
-import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+import copy
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
+def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     """One supervised training run. Steps are optimizer steps (mini-batches)."""
+    c = ml_collections.ConfigDict()
+    c.dataset = "digits"
+    c.model = "cnn"
+    c.model_kwargs = ml_collections.ConfigDict()  # e.g. {"width": 2.0}; any keys the model takes
+    c.batch_size = 64
+    c.epochs = 10.0  # used when steps == 0
+    c.steps = 0  # total optimizer steps; 0 -> round(epochs * steps_per_epoch)
+    c.optimizer = "sgd"  # sgd | adam | adamw
+    c.lr = 0.1
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 5e-4  # coupled L2 for sgd/adam (PyTorch style), decoupled for adamw
+    c.grad_clip = 0.0  # global-norm clip; 0 = off
+    c.schedule = "cosine"  # constant | cosine | step
+    c.warmup_steps = 0
+    c.step_boundaries = (0.5, 0.75)  # fractions of training, for schedule="step"
+    c.step_factor = 0.1
+    c.augment = False  # CIFAR pad-crop-flip on device
+    c.remainder = "drop"  # last training batch of an epoch: drop | pad
+    c.seed = 0
+    c.log_every = 50
+    c.eval_every = 0  # steps; 0 = once per epoch
+    c.checkpoint_every = 0  # steps; 0 = once per epoch
+    c.eval_batch_size = 500
+    model_kwargs = overrides.pop("model_kwargs", None)
+    c.update(overrides)  # an unknown key is added by update(): refuse it instead
+    unknown = set(overrides) - set(train_config_keys())
+    if unknown:
+        raise KeyError(f"unknown train config key(s) {sorted(unknown)}; known: {', '.join(train_config_keys())}")
+    if model_kwargs:
+        c.model_kwargs = ml_collections.ConfigDict(dict(model_kwargs))
+    return c
 
-    dataset: str = "digits"
-    model: str = "cnn"
-    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"width": 2.0}
-    batch_size: int = 64
-    epochs: float = 10.0  # used when steps == 0
-    steps: int = 0  # total optimizer steps; 0 -> round(epochs * steps_per_epoch)
-    optimizer: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4  # coupled L2 for sgd/adam (PyTorch style), decoupled for adamw
-    grad_clip: float = 0.0  # global-norm clip; 0 = off
-    schedule: str = "cosine"  # constant | cosine | step
-    warmup_steps: int = 0
-    step_boundaries: Sequence[float] = (0.5, 0.75)  # fractions of training, for schedule="step"
-    step_factor: float = 0.1
-    augment: bool = False  # CIFAR pad-crop-flip on device
-    remainder: str = "drop"  # last training batch of an epoch: drop | pad
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 0  # steps; 0 = once per epoch
-    checkpoint_every: int = 0  # steps; 0 = once per epoch
-    eval_batch_size: int = 500
+
+def train_config_keys() -> tuple[str, ...]:
+    return ("dataset", "model", "model_kwargs", "batch_size", "epochs", "steps", "optimizer", "lr", "momentum",
+            "nesterov", "weight_decay", "grad_clip", "schedule", "warmup_steps", "step_boundaries", "step_factor",
+            "augment", "remainder", "seed", "log_every", "eval_every", "checkpoint_every", "eval_batch_size")
 
 
-def override(config: Any, assignments: Sequence[str]) -> Any:
-    """Return ``config`` with ``["lr=0.05", "train.model_kwargs.width=2"]`` applied.
+def placeholder(kind: type) -> Any:
+    """A key that may be None but only takes ``kind`` values (e.g. ``max_stages``)."""
+    return config_dict.placeholder(kind)
+
+
+def replace(config: ml_collections.ConfigDict, **updates: Any) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with top-level ``updates`` (type-checked), the original untouched."""
+    new = copy.deepcopy(config)
+    for key, value in updates.items():
+        if key not in new:
+            raise KeyError(f"unknown config key {key!r}; known: {', '.join(new.keys())}")
+        setattr(new, key, value)
+    return new
+
+
+def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``["lr=0.05", "train.model_kwargs.width=2"]`` applied.
 
     Values are Python literals (``ast.literal_eval``); anything else is kept as a string.
-    An unknown key raises ``KeyError`` listing the valid ones.
+    An unknown key raises ``KeyError`` listing the valid ones; a value of the wrong type
+    raises ``TypeError`` naming the key (ConfigDict's type safety; ints widen to floats).
     """
+    config = copy.deepcopy(config)
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
+        key, raw = (s.strip() for s in item.split("=", 1))
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        config = _set(config, key.strip().split("."), value, key)
+        *parents, leaf = key.split(".")
+        node = config
+        for i, name in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise KeyError(f"unknown config key {key!r}: no {'.'.join(parents[:i + 1])!r}; "
+                               f"known: {', '.join(k for k, _, _ in describe(config))}")
+            node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise KeyError(f"config key {key!r}: {'.'.join(parents)!r} is a value, not a group")
+        is_kwargs = parents and parents[-1] == "model_kwargs"  # a model's free-form keyword arguments
+        if leaf not in node and not is_kwargs:
+            raise KeyError(f"unknown config key {key!r}; known: {', '.join(k for k, _, _ in describe(config))}")
+        current = node[leaf] if leaf in node else None
+        kind = getattr(node._fields.get(leaf), "_field_type", None) or type(current)  # noqa: SLF001 (placeholders)
+        if isinstance(current, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"  # `augment=false` must not become the truthy string "false"
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, bool):
+            raise TypeError(f"config key {key!r} expects {type(current).__name__}, got {value!r}")
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise TypeError(f"config key {key!r} expects {kind.__name__}, got {value!r}") from e
     return config
 
 
-def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
-    head, rest = path[0], path[1:]
-    if dataclasses.is_dataclass(obj):
-        names = [f.name for f in dataclasses.fields(obj)]
-        if head not in names:
-            raise KeyError(f"unknown config key {full!r}: {type(obj).__name__} has {', '.join(names)}")
-        current = getattr(obj, head)
-        new = _set(current, rest, value, full) if rest else _coerce(current, value, full)
-        return dataclasses.replace(obj, **{head: new})
-    if isinstance(obj, Mapping):
-        if rest and head not in obj:
-            raise KeyError(f"unknown config key {full!r}: no {head!r} in {{{', '.join(map(str, obj))}}}")
-        new = _set(obj[head], rest, value, full) if rest else value
-        return {**obj, head: new}
-    raise KeyError(f"config key {full!r}: cannot descend into {type(obj).__name__}")
+def describe(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every leaf key of ``config`` as ``(dotted key, value, type name)``, in definition order."""
+    rows = []
+    for key in config.keys():
+        value = config[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            rows.extend(describe(value, name + ".") or [(name, {}, "dict")])
+        else:
+            field = config._fields[key]  # noqa: SLF001 (the placeholder type of a None key)
+            kind = getattr(field, "_field_type", None) or type(value)
+            rows.append((name, value, getattr(kind, "__name__", str(kind))))
+    return rows
 
 
-def _coerce(current: Any, value: Any, full: str) -> Any:
-    if current is None:
-        return value
-    if isinstance(current, bool):
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"  # `augment=false` must not become the truthy string "false"
-        if not isinstance(value, bool):
-            raise TypeError(f"config key {full!r} expects bool (True/False), got {value!r}")
-        return value
-    if isinstance(value, bool) and isinstance(current, (int, float, str)):
-        raise TypeError(f"config key {full!r} expects {type(current).__name__}, got {value!r}")
-    if isinstance(current, float) and isinstance(value, int):
-        return float(value)
-    if isinstance(current, (int, float, str)) and not isinstance(value, type(current)):
-        raise TypeError(f"config key {full!r} expects {type(current).__name__}, got {value!r}")
-    return value
+def format_config(config: ml_collections.ConfigDict) -> str:
+    """``describe`` as aligned text lines ``key = value  (type)``."""
+    rows = describe(config)
+    width = max((len(k) for k, _, _ in rows), default=0)
+    return "\n".join(f"{k:<{width}} = {v!r}  ({t})" for k, v, t in rows)
 
 
 def to_dict(config: Any) -> dict:
-    """JSON-friendly dict of a (nested) config."""
-    return dataclasses.asdict(config)
+    """JSON-friendly dict of a config (ConfigDict, dataclass or mapping)."""
+    if isinstance(config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        return config.to_dict()
+    if hasattr(config, "__dataclass_fields__"):
+        import dataclasses
 
-
-def choose_preset(presets: Mapping[str, Callable[[], Any]], name: str) -> Any:
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(presets)}")
-    return presets[name]()
+        return dataclasses.asdict(config)
+    return dict(config)

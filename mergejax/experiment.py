@@ -1,10 +1,12 @@
 """The thin layer under ``experiments/*.py``: command line, run identity, resumable units.
 
 An experiment script defines ``NAME``, ``ORDER`` (its place in the report), ``PRESETS``
-(name -> function returning a config) and ``run(config, out_dir, progress)`` returning
-``{'results', 'table', 'plots'}``. Its ``main`` is ``experiment_main(argv, module)``.
+(the preset names), ``get_config(preset) -> ml_collections.ConfigDict`` and ``run(config,
+out_dir, progress)`` returning ``{'results', 'table', 'plots'}``. Its ``main`` is
+``experiment_main(argv, module)``, which gives every experiment the same command line:
+``--preset``, ``--set key=value`` (repeatable), ``--list-config``, ``--out``, ``--overwrite``.
 
-``run_experiment`` opens ``out_dir`` as a :class:`~mergejax.rundir.RunDir` whose manifest is
+``run_experiment`` opens ``out_dir`` as a :class:`~mergejax.core.rundir.RunDir` whose manifest is
 the resolved config: re-running the same command resumes, another config is refused in one
 line (``--overwrite`` replaces). Inside, each seed x method x stage is a :func:`unit`: its
 result is kept on disk and returned without recomputation on a re-run, and long units keep
@@ -22,8 +24,8 @@ import time
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
-from mergejax import rundir
-from mergejax.config import choose_preset, override, to_dict
+from mergejax.core import rundir
+from mergejax.config import format_config, override, to_dict
 
 
 def unit(out_dir: str, name: str, config: Any, fn: Callable[[str], Mapping], *, inputs: Mapping | None = None) -> dict:
@@ -34,7 +36,7 @@ def unit(out_dir: str, name: str, config: Any, fn: Callable[[str], Mapping], *, 
     of it as ``fit``'s ``workdir``) and must return a JSON-able dict.
     """
     path = os.path.join(out_dir, "units", name)
-    cfg = to_dict(config) if hasattr(config, "__dataclass_fields__") else config
+    cfg = config if isinstance(config, (dict, list, tuple, str, int, float, bool, type(None))) else to_dict(config)
     return rundir.unit(path, f"unit:{name}", cfg, fn, inputs=inputs)
 
 
@@ -51,12 +53,21 @@ def run_experiment(module: ModuleType, config: Any, out_dir: str, *, progress: b
         return out
 
 
-def parser(name: str, presets: Mapping[str, Callable[[], Any]], description: str = "") -> argparse.ArgumentParser:
+def get_config(module: ModuleType, preset: str):
+    """``module.get_config(preset)``, refusing an unknown preset in one line."""
+    if preset not in module.PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for {module.NAME}; available: {', '.join(module.PRESETS)}")
+    return module.get_config(preset)
+
+
+def parser(name: str, presets: Sequence[str], description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(presets)} (default tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.lr=0.05 (repeatable)")
+                   help="override a config key, e.g. --set train.lr=0.05 (repeatable; see --list-config)")
+    p.add_argument("--list-config", action="store_true",
+                   help="print every config key of the preset (after --set) with its value and type, and exit")
     p.add_argument("--out", default=None, help=f"output directory (default results/<preset>/{name})")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -64,11 +75,11 @@ def parser(name: str, presets: Mapping[str, Callable[[], Any]], description: str
     return p
 
 
-def experiment_args(argv: Sequence[str] | None, presets: Mapping[str, Callable[[], Any]], name: str, description: str = ""):
+def experiment_args(argv: Sequence[str] | None, module: ModuleType):
     """Parse an experiment's command line; returns ``(config, out_dir, progress, preset, args)``."""
-    args = parser(name, presets, description).parse_args(argv)
-    config = override(choose_preset(presets, args.preset), args.overrides)
-    return config, args.out or os.path.join("results", args.preset, name), not args.quiet, args.preset, args
+    args = parser(module.NAME, module.PRESETS, module.__doc__ or "").parse_args(argv)
+    config = override(get_config(module, args.preset), args.overrides)
+    return config, args.out or os.path.join("results", args.preset, module.NAME), not args.quiet, args.preset, args
 
 
 def experiment_main(argv: Sequence[str] | None, module: ModuleType) -> int:
@@ -80,7 +91,10 @@ def experiment_main(argv: Sequence[str] | None, module: ModuleType) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
 
     def go(argv):
-        config, out_dir, progress, preset, args = experiment_args(argv, module.PRESETS, module.NAME, module.__doc__ or "")
+        config, out_dir, progress, preset, args = experiment_args(argv, module)
+        if args.list_config:
+            print(format_config(config))
+            return 0
         quiet_libraries()
         enable_compilation_cache()
         out = run_experiment(module, config, out_dir, progress=progress, overwrite=args.overwrite, preset=preset)

@@ -18,17 +18,18 @@ The pieces:
   which multiplies layer i's updates by alpha_i(t) and zeroes them from its freeze step on
   (*after* the optimizer, so momentum and weight decay cannot move a frozen layer). The
   schedule is data in the optimizer state (:class:`FreezeOutState`), so one compiled step
-  serves every plan of a sweep (:func:`with_plan` swaps it).
-* :func:`freezeout_step`: ``train.train_step`` with the static ``frozen`` prefix (eval-mode
-  layers, ``stop_gradient`` at the prefix output, so XLA drops their backward) plus a
-  per-step hold of every layer already past its freeze step (exact: ``where(frozen, old, new)``
-  on parameters and batch statistics). One compiled step per stage (:func:`stage_step`).
-* :func:`compile_stages` (jit + lower + compile every stage once, FLOPs from XLA's cost
-  analysis), :func:`predict_saving`, :func:`cost_report` and :func:`staged_step_fn` (a
-  ``fit``-compatible ``step_fn`` that switches to the right compiled stage on the host).
-* :func:`train_and_evaluate`: one timed, resumable FreezeOut training from a ``TrainConfig``
-  (``t0 = 1``: the no-freeze baseline), and :func:`compare_with_baselines`: each run's saving
-  against the baselines timed before and after it (drift correction on a shared machine).
+  serves every plan of a sweep (:func:`with_plan` swaps it); both factories compare by value.
+* :func:`freezeout_step`: the core ``train_step(..., frozen=k)`` (eval-mode prefix,
+  ``stop_gradient`` at its output, so XLA drops its backward) plus an exact hold
+  (``where(frozen, old, new)``) of every layer already past its freeze step, for layers frozen
+  inside a group whose stage has not started yet. One compiled step per stage.
+* :func:`compile_stages` (lower + compile every stage once, FLOPs from XLA's cost analysis,
+  reused through a cache dict keyed by static values), :func:`predict_saving`,
+  :func:`cost_report` and :func:`staged_step_fn` (a ``fit`` ``step_fn`` that switches stage on the host).
+* :func:`train_and_evaluate`: one timed, resumable FreezeOut training of a model
+  (``t0 = 1``: the no-freeze baseline); :func:`timing_sequence` interleaves a sweep with
+  baseline timings and :func:`compare_with_baselines` measures each run's saving against the
+  baselines timed before and after it (drift correction on a shared machine).
 
 Grouping (``max_stages``): with fewer compiled stages than layers, the static prefix grows
 only when the last layer of a group freezes; a layer frozen earlier inside its group is held
@@ -45,18 +46,21 @@ import math
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mergejax import data as data_lib
-from mergejax import train as train_lib
-from mergejax.models import make_model
-from mergejax.run import num_steps
+from mergejax.core import data as data_lib
+from mergejax.core import trees
+from mergejax.core.loop import evaluate, fit, read_metrics
+from mergejax.core.optim import value_equal
+from mergejax.core.train import TrainState, create_state, train_step
 
 Params = Any
 SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}
+BASELINE = (1.0, "linear", False)  # (t0, spacing, scaled) of the no-freeze baseline: t0 = 1 freezes nothing
 _EPS = 1e-9  # t_i * T that is an integer up to float rounding counts as that integer
 
 
@@ -192,11 +196,13 @@ def layer_rates(state: FreezeOutState) -> dict[str, jax.Array]:
     return out
 
 
+@value_equal
 def scale_by_freezeout(plan: FreezeOutPlan) -> optax.GradientTransformation:
     """Multiply the updates of top-level layer i by alpha_i(t) (see :func:`layer_rates`); from
     layer i's freeze step on its updates are exactly 0, whatever came before in the chain
     (momentum, weight decay). Put it last, after a unit-rate optimizer.
-    The plan lives in the state: :func:`with_plan` swaps it without recompiling.
+    The plan lives in the state: :func:`with_plan` swaps it without recompiling; equal plans
+    give equal transforms (one static value to ``jax.jit``).
     """
 
     def init(params):
@@ -218,13 +224,15 @@ def scale_by_freezeout(plan: FreezeOutPlan) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+@value_equal
 def freezeout_tx(plan: FreezeOutPlan, base: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``base`` (an optimizer with learning rate 1, e.g. ``train.make_optimizer('sgd', 1.0,
+    """``base`` (an optimizer with learning rate 1, e.g. ``optim.make_optimizer('sgd', 1.0,
     momentum=0.9, nesterov=True, weight_decay=1e-4)``) followed by :func:`scale_by_freezeout`.
 
     Same arithmetic as SGD/Adam with per-layer learning-rate groups (the rate multiplies the
     final direction, as in PyTorch param groups and optax's ``scale_by_learning_rate``);
     tested against one ``optax.partition`` label per layer with ``cosine_decay_schedule``.
+    Equal plans and equal (value-equal) ``base`` give equal transforms.
     """
     return optax.chain(base, scale_by_freezeout(plan))
 
@@ -235,7 +243,7 @@ def _is_fo_state(x) -> bool:
 
 def freezeout_state(opt_state: optax.OptState) -> FreezeOutState:
     """The (single) :class:`FreezeOutState` inside ``opt_state``."""
-    found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_fo_state) if _is_fo_state(x)]
+    found = trees.find_states(opt_state, FreezeOutState)
     if len(found) != 1:
         raise ValueError(f"expected exactly one FreezeOutState in the optimizer state, found {len(found)}; build tx with freezeout_tx")
     return found[0]
@@ -260,24 +268,37 @@ def hold(old: Params, new: Params, held: Mapping[str, jax.Array]) -> Params:
     return {k: (jax.tree.map(lambda a, b: jnp.where(held[k], a, b), old[k], v) if k in held else v) for k, v in new.items()}
 
 
-def freezeout_step(state: train_lib.TrainState, batch: dict, rng: jax.Array, frozen: int = 0) -> tuple[train_lib.TrainState, dict]:
-    """``train_step`` with the static prefix ``frozen`` (eval mode, no backward there) and every
-    layer past its freeze step (read from the optimizer state) held exactly: parameters and
-    batch statistics. jit once per ``frozen``; ``state.tx`` must come from :func:`freezeout_tx`.
-
-    Extra metric: ``frozen_layers`` (layers held at this step).
+def freezeout_step(state: TrainState, batch: dict, rng: jax.Array, *, frozen: int = 0) -> tuple[TrainState, dict]:
+    """The core ``train_step(state, batch, rng, frozen=frozen)`` (static prefix in eval mode,
+    no backward there), then every layer past its freeze step (read from the optimizer state)
+    held exactly: parameters and BatchNorm statistics. The hold matters for a layer frozen
+    inside a group whose stage has not started (``max_stages``); ``state.tx`` must come from
+    :func:`freezeout_tx`. Extra metric: ``frozen_layers`` (layers held at this step).
     """
     fs = freezeout_state(state.opt_state)
     held = {n: fs.count >= f for n, f in fs.freeze_steps.items()}
-    new, metrics = train_lib.train_step(state, batch, rng, frozen=frozen)
+    new, metrics = train_step(state, batch, rng, frozen=frozen)
     new = new.replace(params=hold(state.params, new.params, held), batch_stats=hold(state.batch_stats, new.batch_stats, held))
     metrics["frozen_layers"] = sum(h.astype(jnp.int32) for h in held.values())
     return new, metrics
 
 
+def _jit_step() -> Callable:
+    # jitted where it is used; JAX keys its trace cache on freezeout_step and the static `frozen`
+    return jax.jit(freezeout_step, donate_argnums=0, static_argnames="frozen")
+
+
 def stage_step(frozen: int) -> Callable:
-    """The jitted step of the stage with static prefix ``frozen`` (state donated)."""
-    return jax.jit(functools.partial(freezeout_step, frozen=frozen), donate_argnums=0)
+    """The jitted step ``(state, batch, rng) -> (state, metrics)`` of the stage with static prefix
+    ``frozen`` (state donated)."""
+    return functools.partial(_jit_step(), frozen=frozen)
+
+
+def stage_signature(state: TrainState, batch: dict, rng: jax.Array) -> tuple:
+    """What a compiled step depends on besides ``frozen``: the pytree structure (including the
+    state's static fields, which compare by value) and every leaf's shape and dtype."""
+    leaves, treedef = jax.tree.flatten((state, batch, rng))
+    return treedef, tuple((np.shape(x), x.dtype, getattr(x, "weak_type", False)) for x in leaves)
 
 
 def _flops(compiled) -> float:
@@ -287,22 +308,24 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def compile_stages(plan: FreezeOutPlan, state: train_lib.TrainState, batch: dict, rng: jax.Array,
-                   steps: Mapping[int, Callable] | None = None, costs: Mapping[int, dict] | None = None) -> tuple[dict[int, Callable], dict[int, dict]]:
-    """Compile every stage of ``plan`` (and the unfrozen stage 0) once for these argument shapes.
+def compile_stages(plan: FreezeOutPlan, state: TrainState, batch: dict, rng: jax.Array,
+                   cache: dict | None = None) -> tuple[dict[int, Callable], dict[int, dict]]:
+    """Compile every stage of ``plan`` (and the unfrozen stage 0) once for these arguments.
 
     Returns ``(steps, costs)``: ``steps[frozen]`` is the compiled step (call it like the step),
-    ``costs[frozen] = {'flops': per step from XLA's cost analysis, 'compile_s'}``. Stages already
-    in ``steps``/``costs`` (from another plan on the same state structure) are reused.
+    ``costs[frozen] = {'flops': per step from XLA's cost analysis, 'compile_s'}``. ``cache``: a
+    dict the caller creates and passes to every call (e.g. all runs of a sweep), filled with
+    ``(frozen, stage_signature(...)) -> (compiled, cost)``; stages found there are reused.
     """
-    steps, costs = dict(steps or {}), dict(costs or {})
+    cache = {} if cache is None else cache
+    signature = stage_signature(state, batch, rng)
+    steps, costs = {}, {}
     for k in sorted({0, *(f for _, f in plan.stages)}):
-        if k in steps and k in costs:
-            continue
-        t = time.perf_counter()
-        compiled = stage_step(k).lower(state, batch, rng).compile()
-        steps[k] = compiled
-        costs[k] = {"flops": _flops(compiled), "compile_s": time.perf_counter() - t}
+        if (k, signature) not in cache:
+            t = time.perf_counter()
+            compiled = _jit_step().lower(state, batch, rng, frozen=k).compile()
+            cache[k, signature] = (compiled, {"flops": _flops(compiled), "compile_s": time.perf_counter() - t})
+        steps[k], costs[k] = cache[k, signature]
     return steps, costs
 
 
@@ -331,22 +354,22 @@ def cost_report(plan: FreezeOutPlan, costs: Mapping[int, Mapping[str, float]]) -
 
 def staged_step_fn(plan: FreezeOutPlan, steps: Mapping[int, Callable] | None = None) -> Callable:
     """A ``fit`` step_fn ``(state, batch, rng) -> (state, metrics)`` that runs each step with its
-    stage's compiled step (from ``steps``, e.g. :func:`compile_stages`, or jitted on first use).
+    stage's compiled step (from ``steps``, e.g. :func:`compile_stages`, else :func:`stage_step`).
 
     The step counter lives on the host (read from ``state.step`` once, at the first call), so
     switching stages never waits for the device.
     """
-    cache = dict(steps or {})
+    steps = dict(steps or {})
     counter = [None]
 
     def step_fn(state, batch, rng):
         if counter[0] is None:
             counter[0] = int(state.step)
         k = plan.frozen_at(counter[0])
-        if k not in cache:
-            cache[k] = stage_step(k)
+        if k not in steps:
+            steps[k] = stage_step(k)
         counter[0] += 1
-        return cache[k](state, batch, rng)
+        return steps[k](state, batch, rng)
 
     return step_fn
 
@@ -373,70 +396,61 @@ def _timed(step_fn: Callable, num_steps: int) -> tuple[Callable, Callable, dict]
     return step, callback, record
 
 
-def train_and_evaluate(config, *, t0: float = 0.8, spacing: str = "cubic", scaled: bool = True, max_stages: int | None = None,
+def train_and_evaluate(model: nn.Module, train: data_lib.Split, test: data_lib.Split, base_tx: optax.GradientTransformation, *,
+                       total_steps: int, batch_size: int, lr: float, t0: float = 0.8, spacing: str = "cubic",
+                       scaled: bool = True, max_stages: int | None = None, seed: int = 0, augment_fn: Callable | None = None,
+                       remainder: str = "drop", log_every: int = 50, checkpoint_every: int = 0, eval_batch_size: int = 500,
                        workdir: str | None = None, repeats: int = 1, manifest: Mapping | None = None,
-                       progress: bool = False, stages: dict | None = None) -> dict:
-    """Train ``config`` (a :class:`~mergejax.config.TrainConfig`; ``lr`` is alpha(0), its
-    ``schedule`` is unused) with FreezeOut, evaluate on the test split; ``t0 = 1`` is the
-    no-freeze baseline (one stage). Returns a JSON-able summary.
+                       progress: bool = False, cache: dict | None = None) -> dict:
+    """Train ``model`` on ``train`` for ``total_steps`` with FreezeOut at alpha(0) = ``lr`` over the
+    unit-rate optimizer ``base_tx``, evaluate on ``test``; ``t0 = 1`` is the no-freeze baseline
+    (one stage). ``seed`` initialises the model and orders the batches. Returns a JSON-able summary.
 
     Every stage is compiled first (timed: with the persistent compilation cache on, a cache
-    load). The first training runs in ``workdir`` (checkpoints every ``config.checkpoint_every``
-    steps, resumes after a kill; ``manifest`` goes to its manifest); ``repeats - 1`` identical
+    load). The first training runs in ``workdir`` (checkpoints every ``checkpoint_every`` steps,
+    resumes after a kill; ``manifest`` goes to its manifest); ``repeats - 1`` identical
     trainings follow, for timing only. ``train_s``/``cpu_s``: the minimum over the repeats that
     ran from step 0 of the training loop's wall/process-CPU seconds (compile excluded); when
     only a resumed one exists, its time (steps from ``timed_from_step`` on; ``resumed`` is
     True), or None when a resume found the training finished. Losses are in nats, savings are fractions.
 
-    ``stages``: an optional dict the caller creates and passes to every run of a sweep; the
-    optimizer and the compiled stages are kept there, keyed by everything they depend on
-    (model, optimizer settings, shapes), and the plan enters as optimizer-state data
-    (:func:`with_plan`), so a sweep traces and compiles each stage once.
+    ``cache``: a dict the caller creates and passes to every run of a sweep (see
+    :func:`compile_stages`). The optimizer is built from the no-freeze plan and the run's plan
+    enters as optimizer-state data (:func:`with_plan`), so all runs of a sweep on one model,
+    optimizer and batch shape share each stage's compile.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    train, test = data_lib.load(config.dataset, "train"), data_lib.load(config.dataset, "test")
-    model = make_model(config.model, train.num_classes, **dict(config.model_kwargs))
-    total, _ = num_steps(config, len(train))
-    plan = make_plan(model.layer_names(), total, lr=config.lr, t0=t0, spacing=spacing, scaled=scaled, max_stages=max_stages)
-    key = (config.dataset, config.model, repr(sorted(dict(config.model_kwargs).items())), config.optimizer, config.momentum,
-           config.nesterov, config.weight_decay, config.grad_clip, config.augment, config.batch_size, total)
-    shared = (stages if stages is not None else {}).setdefault(repr(key), {"steps": {}, "costs": {}})
-    if "tx" not in shared:  # one optimizer object per key: the plan is data in its state
-        base = train_lib.make_optimizer(config.optimizer, 1.0, momentum=config.momentum, nesterov=config.nesterov,
-                                        weight_decay=config.weight_decay, grad_clip=config.grad_clip)
-        shared["tx"] = freezeout_tx(make_plan(model.layer_names(), total, t0=1.0), base)
-    tx = shared["tx"]
-    augment = data_lib.augment_cifar if config.augment else None
+    names = model.layer_names()
+    plan = make_plan(names, total_steps, lr=lr, t0=t0, spacing=spacing, scaled=scaled, max_stages=max_stages)
+    tx = freezeout_tx(make_plan(names, total_steps, t0=1.0), base_tx)  # equal for every plan: one static value
 
     def fresh():
-        state = train_lib.create_state(model, jax.random.key(config.seed), (1, *train.images.shape[1:]), tx, augment_fn=augment)
+        state = create_state(model, jax.random.key(seed), (1, *train.images.shape[1:]), tx, augment_fn=augment_fn)
         return state.replace(opt_state=with_plan(state.opt_state, plan))
 
-    sample = jax.device_put(next(data_lib.batches(train, config.batch_size, seed=config.seed, remainder=config.remainder)))
-    shared["steps"], shared["costs"] = compile_stages(plan, fresh(), sample, jax.random.key(0), shared["steps"], shared["costs"])
-    used = {0, *(k for _, k in plan.stages)}
-    steps, costs = shared["steps"], {k: c for k, c in shared["costs"].items() if k in used}
+    sample = jax.device_put(next(data_lib.batches(train, batch_size, seed=seed, remainder=remainder)))
+    steps, costs = compile_stages(plan, fresh(), sample, jax.random.key(0), cache)
     if progress:
         print(cost_report(plan, costs), flush=True)
-    loop = dict(num_steps=total, batch_size=config.batch_size, seed=config.seed, log_every=config.log_every,
-                remainder=config.remainder, progress=progress)
+    loop = dict(num_steps=total_steps, batch_size=batch_size, seed=seed, log_every=log_every, remainder=remainder,
+                progress=progress)
     timings = []
     for r in range(repeats):
-        step, callback, record = _timed(staged_step_fn(plan, steps), total)
-        kw = dict(workdir=workdir, checkpoint_every=config.checkpoint_every, manifest=manifest) if r == 0 else {}
-        state, history = train_lib.fit(fresh(), train, step_fn=step, callbacks=[callback], **loop, **kw)
+        step, callback, record = _timed(staged_step_fn(plan, steps), total_steps)
+        kw = dict(workdir=workdir, checkpoint_every=checkpoint_every, manifest=manifest) if r == 0 else {}
+        state, history = fit(fresh(), train, step_fn=step, callbacks=[callback], **loop, **kw)
         timings.append(record)
         if r == 0:
-            final = train_lib.evaluate(state, test, config.eval_batch_size)
-            records = train_lib.read_metrics(workdir) if workdir is not None else history
+            final = evaluate(state, test, eval_batch_size)
+            records = read_metrics(workdir) if workdir is not None else history
             train_loss = [h for h in records if h["split"] == "train"][-1]["loss"]
     full = [t for t in timings if t.get("first_step") == 0 and "wall_s" in t]
     timed = full or [t for t in timings if "wall_s" in t]
-    first = timings[0].get("first_step", total)
+    first = timings[0].get("first_step", total_steps)
     return {
-        "t0": t0, "spacing": spacing, "scaled": scaled, "seed": config.seed, "max_stages": max_stages,
-        "total_steps": total, "stages": len(plan.stages), "stage_prefixes": [k for _, k in plan.stages],
+        "t0": t0, "spacing": spacing, "scaled": scaled, "seed": seed, "max_stages": max_stages,
+        "total_steps": total_steps, "stages": len(plan.stages), "stage_prefixes": [k for _, k in plan.stages],
         "freeze_steps": list(plan.freeze_steps), "predicted_saving": predict_saving(plan, costs)["saving"],
         "stage_costs": {str(k): c for k, c in sorted(costs.items())},
         "compile_s": sum(c["compile_s"] for c in costs.values()),
@@ -446,6 +460,27 @@ def train_and_evaluate(config, *, t0: float = 0.8, spacing: str = "cubic", scale
         "test_accuracy": final["accuracy"], "test_loss": final["loss"], "train_loss": train_loss,
         "device_kind": jax.devices()[0].device_kind,
     }
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def point_label(point: tuple) -> str:
+    """``'baseline'`` or ``'t0=0.8 cubic scaled'`` for a sweep point ``(t0, spacing, scaled)``."""
+    t0, spacing, scaled = point
+    return "baseline" if tuple(point) == BASELINE else f"t0={t0} {spacing} {'scaled' if scaled else 'unscaled'}"
+
+
+def timing_sequence(points: Sequence[tuple], baseline_every: int = 4) -> list[tuple]:
+    """``points`` (``(t0, spacing, scaled)``) in timing order with the no-freeze :data:`BASELINE`
+    first, after every ``baseline_every`` points (0: never in between) and last, so each point
+    has a baseline timed near it (see :func:`compare_with_baselines`)."""
+    seq = [BASELINE]
+    for i, p in enumerate(points, 1):
+        seq.append(tuple(p))
+        if baseline_every and i % baseline_every == 0 and i < len(points):
+            seq.append(BASELINE)
+    return seq + [BASELINE]
 
 
 def compare_with_baselines(runs: Sequence[Mapping], is_baseline: Callable[[Mapping], bool]) -> list[dict]:

@@ -7,7 +7,9 @@ import os
 import statistics
 from typing import Any, Sequence
 
-from mergejax.rundir import write_json  # noqa: F401  (one JSON writer: atomic, NaN -> null)
+import numpy as np
+
+from mergejax.core.rundir import write_json  # noqa: F401  (one JSON writer: atomic, NaN -> null)
 
 
 def write_outputs(out_dir: str, results: dict, table: str) -> None:
@@ -78,5 +80,29 @@ def plot_curves(path: str, curves: dict[str, tuple[Sequence[float], Sequence[flo
         ax.set_title(title)
     if len(curves) > 1:
         ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_points(path: str, runs: Sequence[dict], keys: Sequence[str], *, ylabel: str, title: str = "",
+                off_scale: float | None = None) -> str:
+    """Mean ± sample std (error bars) and every run (grey dots) of ``run[key]`` per key, one
+    column per key. With ``off_scale``, keys whose mean is more than that below the best are
+    left out and named in a note (e.g. a naive weight average at chance level)."""
+    plt = pyplot()
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    off = [k for k in keys if off_scale is not None and mean[k] < max(mean.values()) - off_scale]
+    shown = [k for k in keys if k not in off]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    stds = [float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in shown]
+    ax.errorbar(range(len(shown)), [mean[k] for k in shown], yerr=stds, fmt="o", capsize=4)
+    for i, k in enumerate(shown):
+        ax.scatter([i] * len(runs), [r[k] for r in runs], s=8, alpha=0.5, color="gray")
+    ax.set_xticks(range(len(shown)))
+    ax.set_xticklabels(shown, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if off:
+        ax.text(0.01, 0.02, "off scale: " + ", ".join(f"{k} {mean[k]:.3f}" for k in off), transform=ax.transAxes, fontsize=8)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)

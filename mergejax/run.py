@@ -1,4 +1,5 @@
-"""From a :class:`~mergejax.config.TrainConfig` to a trained state: the glue every experiment uses."""
+"""From a :func:`~mergejax.config.train_config` to a trained state: the glue every experiment uses,
+and the persistent compilation cache that entry points turn on."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import time
 
 import jax
 
-from mergejax import data as data_lib
-from mergejax.config import TrainConfig, to_dict
-from mergejax.models import make_model
-from mergejax.schedules import make_schedule
-from mergejax.train import TrainState, create_state, evaluate, fit, make_optimizer, read_metrics
+from mergejax.core import data as data_lib
+import ml_collections
+
+from mergejax.config import to_dict
+from mergejax.core.models import make_model
+from mergejax.core.optim import make_schedule
+from mergejax.core.loop import evaluate, fit, read_metrics
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import TrainState, create_state
 
 
 CACHE_ENV = "MERGEJAX_COMPILATION_CACHE"
@@ -51,7 +56,7 @@ def compilation_cache_dir() -> str | None:
 class Setup:
     """What a config resolves to: model, data, step budget, and the initial state."""
 
-    config: TrainConfig
+    config: ml_collections.ConfigDict
     model: object
     train: data_lib.Split
     test: data_lib.Split
@@ -60,14 +65,14 @@ class Setup:
     state: TrainState
 
 
-def num_steps(config: TrainConfig, num_train: int) -> tuple[int, int]:
+def num_steps(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
     """``(total optimizer steps, steps per epoch)`` for ``config`` on ``num_train`` examples."""
     per_epoch = data_lib.steps_per_epoch(num_train, config.batch_size, config.remainder)
     total = config.steps or max(1, int(round(config.epochs * per_epoch)))
     return total, per_epoch
 
 
-def setup(config: TrainConfig, *, train: data_lib.Split | None = None, test: data_lib.Split | None = None, seed: int | None = None) -> Setup:
+def setup(config: ml_collections.ConfigDict, *, train: data_lib.Split | None = None, test: data_lib.Split | None = None, seed: int | None = None) -> Setup:
     """Load data (unless given), build model, schedule, optimizer and the initial state.
 
     ``seed`` overrides ``config.seed`` for the initialisation (the data order uses
@@ -75,11 +80,11 @@ def setup(config: TrainConfig, *, train: data_lib.Split | None = None, test: dat
     """
     train = train if train is not None else data_lib.load(config.dataset, "train")
     test = test if test is not None else data_lib.load(config.dataset, "test")
-    model = make_model(config.model, train.num_classes, **dict(config.model_kwargs))
+    model = make_model(config.model, train.num_classes, **to_dict(config.model_kwargs))
     total, per_epoch = num_steps(config, len(train))
     lr_fn = make_schedule(
         config.schedule, config.lr, total, warmup_steps=config.warmup_steps,
-        boundaries=config.step_boundaries, factor=config.step_factor,
+        boundaries=tuple(config.step_boundaries), factor=config.step_factor,
     )
     tx = make_optimizer(
         config.optimizer, lr_fn, momentum=config.momentum, nesterov=config.nesterov,
@@ -93,7 +98,7 @@ def setup(config: TrainConfig, *, train: data_lib.Split | None = None, test: dat
     return Setup(config, model, train, test, total, per_epoch, state)
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | None = None, *, progress: bool = True, setup_: Setup | None = None,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *, progress: bool = True, setup_: Setup | None = None,
                        overwrite: bool = False) -> tuple[TrainState, dict]:
     """Train per ``config`` (resuming ``workdir`` if it holds this config's run) and evaluate.
 

@@ -4,7 +4,7 @@
 
 ``mesh``: data-parallel step on 8 simulated devices vs single-device references (MLP,
 ghost-batch BN, synchronised BN, pmap, local SGD); prints gaps as JSON. The 2-process
-(``jax.distributed``) local SGD worker is the library's ``python -m mergejax.distributed``.
+(``jax.distributed``) local SGD worker is the library's ``python -m mergejax.averaging.distributed``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ def _batch(n, seed=0, shape=(8, 8, 1)):
 
 
 def mesh_mode(out):
-    from mergejax import local_sgd, parallel
-    from mergejax.models import make_model
-    from mergejax.train import create_state, cross_entropy, train_step
+    from mergejax.averaging import local_sgd
+    from mergejax.averaging import parallel
+    from mergejax.core.data import shard_batch
+    from mergejax.core.models import make_model
+    from mergejax.core.train import create_state, cross_entropy, train_step
 
     n = jax.device_count()
     assert n == 8, f"expected 8 simulated devices, got {n}"
@@ -43,7 +45,7 @@ def mesh_mode(out):
     s0 = create_state(model, jax.random.key(0), (1, 8, 8, 1), optax.sgd(1.0))
     batch = _batch(64)
     dp = parallel.make_dp_step(mesh)
-    s_dp, m_dp = dp(s0, parallel.shard(batch, mesh), rng)
+    s_dp, m_dp = dp(s0, shard_batch(batch, mesh), rng)
     s_1, m_1 = jax.jit(train_step)(s0, batch, rng)
     g_dp = jax.tree.map(lambda a, b: a - b, s0.params, s_dp.params)
     g_1 = jax.tree.map(lambda a, b: a - b, s0.params, s_1.params)
@@ -55,7 +57,7 @@ def mesh_mode(out):
     a, b = s0m, s0m
     for i in range(3):
         bt = _batch(64, seed=10 + i)
-        a, _ = dp(a, parallel.shard(bt, mesh), rng)
+        a, _ = dp(a, shard_batch(bt, mesh), rng)
         b, _ = jax.jit(train_step)(b, bt, rng)
     res["mlp_momentum_gap"] = _gap(a.params, b.params)
 
@@ -63,7 +65,7 @@ def mesh_mode(out):
     cnn = make_model("cnn", 10, channels=(8, 16, 16))
     c0 = create_state(cnn, jax.random.key(1), (1, 8, 8, 1), optax.sgd(0.5))
     batch = _batch(32, seed=5)
-    c_dp, _ = dp(c0, parallel.shard(batch, mesh), rng)
+    c_dp, _ = dp(c0, shard_batch(batch, mesh), rng)
     shards = parallel.split_batch(batch, n)
 
     def ghost_loss(params):
@@ -92,7 +94,7 @@ def mesh_mode(out):
         res[f"sync_{k}"] = []
     for i in range(3):
         bt = _batch(32, seed=20 + i)
-        y, my = dp(y, parallel.shard(bt, mesh), rng)
+        y, my = dp(y, shard_batch(bt, mesh), rng)
         z, mz = jax.jit(train_step)(z, bt, rng)
         res["sync_param_gap"].append(_gap(y.params, z.params))
         res["sync_stats_gap"].append(_gap(y.batch_stats, z.batch_stats))
@@ -103,7 +105,7 @@ def mesh_mode(out):
     # pmap (no check_vma; psum transposes to psum) gives the same step.
     bt = _batch(32, seed=20)
     p_out, _ = parallel.make_pmap_step()(parallel.replicate(y0, n), parallel.split_batch(bt, n), rng)
-    y1, _ = dp(y0, parallel.shard(bt, mesh), rng)
+    y1, _ = dp(y0, shard_batch(bt, mesh), rng)
     res["sync_pmap_gap"] = _gap(jax.tree.map(lambda x: x[0], p_out.params), y1.params)
     res["sync_pmap_stats_gap"] = _gap(jax.tree.map(lambda x: x[0], p_out.batch_stats), y1.batch_stats)
 
@@ -111,7 +113,7 @@ def mesh_mode(out):
     pm = parallel.make_pmap_step()
     for name, st, bt in (("mlp", s0, _batch(64)), ("cnn", c0, batch)):
         p_out, _ = pm(parallel.replicate(st, n), parallel.split_batch(bt, n), rng)
-        d_out, _ = dp(st, parallel.shard(bt, mesh), rng)
+        d_out, _ = dp(st, shard_batch(bt, mesh), rng)
         res[f"pmap_{name}_gap"] = _gap(jax.tree.map(lambda x: x[0], p_out.params), d_out.params)
         res[f"pmap_{name}_stats_gap"] = _gap(jax.tree.map(lambda x: x[0], p_out.batch_stats), d_out.batch_stats)
 

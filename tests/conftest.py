@@ -30,7 +30,7 @@ MODEL_CASES = [
 @pytest.fixture(scope="session")
 def digits():
     """``(train, test)`` splits of the bundled digits dataset."""
-    from mergejax import data
+    from mergejax.core import data
 
     return data.load("digits", "train"), data.load("digits", "test")
 

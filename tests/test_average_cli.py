@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import checkpoint, cli
-from mergejax.errors import ConfigMismatch, CorruptCheckpoint, UserError
-from mergejax.average_cli import average_checkpoints, load_variables
-from mergejax.checkpoint import resolve
-from mergejax.models import init_variables, make_model
-from mergejax.units import take_units, unit_spec, variables_of
+from mergejax import cli
+from mergejax.core import checkpoint
+from mergejax.core.errors import ConfigMismatch, CorruptCheckpoint, UserError
+from mergejax.cli.average import average_checkpoints, load_variables
+from mergejax.core.checkpoint import resolve
+from mergejax.core.models import init_variables, make_model
+from mergejax.core.units import take_units, unit_spec, variables_of
 
 SHAPE = (1, 8, 8, 1)
 
@@ -123,9 +124,9 @@ def test_align_recovers_permuted_copies(tmp_path, model, nets):
 
 
 def test_recompute_bn(tmp_path, model, nets):
-    from mergejax import data
-    from mergejax.swa import recompute_batch_stats
-    from mergejax.train import model_apply_fn
+    from mergejax.core import data
+    from mergejax.ensembles.swa import recompute_batch_stats
+    from mergejax.core.train import model_apply_fn
 
     paths = [checkpoint.save(str(tmp_path / f"n{i}"), nets[i]) for i in range(2)]
     out = str(tmp_path / "bn")
@@ -170,7 +171,7 @@ def other_net():
 def _fit_checkpoint(directory, net):
     """A checkpoint as ``fit`` writes it (``TrainState.arrays()``: step, params, batch_stats
     and an optax state with empty entries, stored as None)."""
-    from mergejax.train import make_optimizer
+    from mergejax.core.optim import make_optimizer
 
     tx = make_optimizer("sgd", 0.05, momentum=0.9, weight_decay=5e-4)
     with checkpoint.Manager(os.path.join(directory, "checkpoints")) as m:

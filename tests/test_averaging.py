@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import averaging as avg
+from mergejax.averaging import weights as avg
 
 
 def _tree(seed, dtype=jnp.float32):

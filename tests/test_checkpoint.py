@@ -18,11 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import checkpoint
-from mergejax.errors import CorruptCheckpoint
-from mergejax.models import make_model
-from mergejax.schedules import make_schedule
-from mergejax.train import create_state, fit, make_optimizer, train_step
+from mergejax.core import checkpoint
+from mergejax.core.errors import CorruptCheckpoint
+from mergejax.core.models import make_model
+from mergejax.core.optim import make_schedule
+from mergejax.core.loop import fit
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import create_state, train_step
 
 
 def _tree():
@@ -150,10 +152,12 @@ def test_resume_after_simulated_kill_is_bit_identical(digits, tmp_path):
 _CHILD = """
 import sys, time
 import jax, numpy as np
-from mergejax import data
-from mergejax.models import make_model
-from mergejax.schedules import make_schedule
-from mergejax.train import create_state, fit, make_optimizer
+from mergejax.core import data
+from mergejax.core.models import make_model
+from mergejax.core.optim import make_schedule
+from mergejax.core.loop import fit
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import create_state
 
 workdir, out, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3])
 n = 40
@@ -293,7 +297,7 @@ def test_missing_file_and_altered_leaf_are_named(tmp_path):
     # a leaf that restores with other values than were saved (here: a forged record)
     path = checkpoint.save(str(tmp_path / "d"), tree)
     sums = json.load(open(os.path.join(path, "checksums.json")))
-    key = "['params']['head']['Dense_0']['kernel']"
+    key = "['params']['head']['dense']['kernel']"
     sums["leaves"][key]["sha256"] = "0" * 64
     with open(os.path.join(path, "checksums.json"), "w") as f:
         json.dump(sums, f)
@@ -355,9 +359,9 @@ def test_target_of_other_shapes_names_leaf(tmp_path):
     tree = _fit_tree()
     path = checkpoint.save(str(tmp_path / "c"), tree)
     other = jax.tree.map(lambda x: x, tree)
-    other["params"]["head"]["Dense_0"]["kernel"] = jnp.zeros((33, 10))
+    other["params"]["head"]["dense"]["kernel"] = jnp.zeros((33, 10))
     with pytest.raises(checkpoint.CheckpointMismatch,
-                       match=re.escape("leaf ['params']['head']['Dense_0']['kernel'] of shape (32, 10), the target has (33, 10)")):
+                       match=re.escape("leaf ['params']['head']['dense']['kernel'] of shape (32, 10), the target has (33, 10)")):
         checkpoint.load(path, other)
 
 
@@ -486,7 +490,7 @@ def test_full_disk_leaves_no_partial_step(tmp_path, monkeypatch):
 _FULL_DISK = """
 import json, os, resource, signal, sys
 import numpy as np
-from mergejax import checkpoint
+from mergejax.core import checkpoint
 checkpoint.quiet_logging()
 m = checkpoint.Manager(sys.argv[1])
 m.save(1, {"w": np.ones(4, np.float32)})
@@ -516,8 +520,8 @@ def test_real_write_failure_leaves_no_partial_step(tmp_path, run_python):
 _QUIET = """
 import os, shutil, sys, time
 import numpy as np
-from mergejax import checkpoint
-from mergejax.errors import CorruptCheckpoint
+from mergejax.core import checkpoint
+from mergejax.core.errors import CorruptCheckpoint
 root = sys.argv[1]
 tree = {"w": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32), "b": np.ones(8, np.float32)}
 path = checkpoint.save(os.path.join(root, "c"), tree)

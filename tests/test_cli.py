@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from mergejax import cli
-from mergejax.train import read_metrics
+from mergejax.core.loop import read_metrics
 
 
 def test_help_lists_commands(capsys):

@@ -1,5 +1,7 @@
-"""Compile once, reuse everywhere: jitted init, shared apply_fn / eval step, jitted step rng,
-and the persistent compilation cache switch of the entry points."""
+"""Compile once, reuse everywhere, with no import-time state: jitted init, value-equal apply_fn,
+optimizers and schedules (equal configs share one compiled step however the objects were
+made), the persistent compilation cache switch of the entry points, and a scan of the
+library for module-level jit/cache globals."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import train as train_lib
-from mergejax.models import init_variables, make_model
-from mergejax.models.core import _init
+from mergejax.core import loop, optim
+from mergejax.core import train as train_lib
+from mergejax.core import data as data_lib
+from mergejax.core.models import init_variables, make_model
 
 
 def _leaves_equal(a, b, **tol):
@@ -39,14 +42,15 @@ def test_init_with_unhashable_model_field_falls_back_to_eager():
     with pytest.raises(TypeError):
         hash(model)
     params, _ = init_variables(model, jax.random.key(0), (1, 64))
-    ref = _init(make_model("mlp", 10, hidden=(16, 8)), jax.random.key(0), jnp.zeros((1, 64)))
+    ref = make_model("mlp", 10, hidden=(16, 8)).init(jax.random.key(0), jnp.zeros((1, 64)), train=False)
     _leaves_equal(params, ref["params"], rtol=1e-6, atol=1e-7)
 
 
-def test_apply_fn_is_shared_by_equal_models_and_fresh_for_unhashable():
+def test_apply_fn_is_equal_for_equal_models_and_fresh_for_unhashable():
     a, b = make_model("cnn", 10, width=0.25), make_model("cnn", 10, width=0.25)
-    assert train_lib.model_apply_fn(a) is train_lib.model_apply_fn(b)
-    assert train_lib.model_apply_fn(a) is not train_lib.model_apply_fn(make_model("cnn", 10, width=0.5))
+    fa, fb = train_lib.model_apply_fn(a), train_lib.model_apply_fn(b)
+    assert fa is not fb and fa == fb and hash(fa) == hash(fb)  # equal by value, no cache
+    assert fa != train_lib.model_apply_fn(make_model("cnn", 10, width=0.5))
     lst = make_model("mlp", 10, hidden=[4])
     f, g = train_lib.model_apply_fn(lst), train_lib.model_apply_fn(lst)
     assert f is not g  # no cache, but both work
@@ -55,15 +59,29 @@ def test_apply_fn_is_shared_by_equal_models_and_fresh_for_unhashable():
     np.testing.assert_array_equal(f(params, stats, x, train=False)[0], g(params, stats, x, train=False)[0])
 
 
-def test_evaluate_compiles_once_across_optimizers(digits):
+class _CountTraces:
+    """Counts how often ``apply_model`` is traced (each new compile of a step traces it once)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        real = train_lib.apply_model
+
+        def counting(*args, **kwargs):
+            self.n += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_lib, "apply_model", counting)
+
+
+def test_evaluate_compiles_once_across_optimizers(digits, monkeypatch):
     train, test = digits
     model = make_model("mlp", 10, hidden=(8,))
     states = [train_lib.create_state(model, jax.random.key(i), (1, 64), tx)
               for i, tx in enumerate([optax.sgd(0.1), optax.adam(1e-3), optax.sgd(0.3, momentum=0.9)])]
-    before = train_lib._jitted_model_eval_sums._cache_size()
-    results = [train_lib.evaluate(s, test, 500) for s in states]
-    # one compile for the (apply_fn, shapes) pair, however many optimizers
-    assert train_lib._jitted_model_eval_sums._cache_size() - before == 1
+    traces = _CountTraces(monkeypatch)
+    results = [loop.evaluate(s, test, 500) for s in states]
+    # one trace for the (apply_fn, shapes) pair, however many optimizers
+    assert traces.n == 1
     # and the numbers equal an independent numpy evaluation
     for s, r in zip(states, results):
         logits, _ = s.apply_fn(s.params, s.batch_stats, jnp.asarray(test.images), train=False)
@@ -74,11 +92,68 @@ def test_evaluate_compiles_once_across_optimizers(digits):
         assert r["accuracy"] == pytest.approx(np.mean(logits.argmax(1) == test.labels))
 
 
-def test_step_rng_equals_eager_fold_in():
-    key = jax.random.key(3)
-    for step in (0, 1, 12345, 2**31 - 1):
-        np.testing.assert_array_equal(jax.random.key_data(train_lib.step_rng(key, step)),
-                                      jax.random.key_data(jax.random.fold_in(key, step)))
+def _fresh_state(seed, lr=0.1):
+    """A state built from scratch (new model, schedule and optimizer objects) for ``seed``."""
+    model = make_model("mlp", 10, hidden=(8,))
+    lr_fn = optim.make_schedule("cosine", lr, 30)
+    tx = optim.make_optimizer("sgd", lr_fn, momentum=0.9, weight_decay=5e-4)
+    return train_lib.create_state(model, jax.random.key(seed), (1, 64), tx, lr_fn=lr_fn, augment_fn=None)
+
+
+def test_fit_reuses_the_compiled_step_for_fresh_but_equal_objects(digits, monkeypatch):
+    """Seeds of a sweep build new optimizer/schedule/model objects; equal values must not
+    recompile (no object kept alive by anyone), a different learning rate must."""
+    train, test = digits
+    traces = _CountTraces(monkeypatch)
+    finals = [loop.fit(_fresh_state(seed), train, num_steps=6, batch_size=32, seed=seed, log_every=3, progress=False)[0]
+              for seed in (0, 1, 2)]
+    assert traces.n == 1  # one train-step trace for three fits (no eval split)
+    loop.fit(_fresh_state(0, lr=0.2), train, num_steps=6, batch_size=32, log_every=3, progress=False)
+    assert traces.n == 2  # a new learning rate is a new static value: one more trace
+    assert not np.allclose(finals[0].params["head"]["dense"]["kernel"], finals[1].params["head"]["dense"]["kernel"])
+
+
+def test_value_equal_factories_compare_by_arguments():
+    a = optim.make_optimizer("sgd", optim.make_schedule("cosine", 0.1, 100), momentum=0.9)
+    b = optim.make_optimizer("sgd", optim.make_schedule("cosine", 0.1, 100), momentum=0.9)
+    c = optim.make_optimizer("sgd", optim.make_schedule("cosine", 0.1, 101), momentum=0.9)
+    assert a is not b and a == b and hash(a) == hash(b) and a != c
+    assert isinstance(a, optax.GradientTransformation)
+    init, update = a  # still the (init, update) pair optax combinators unpack
+    params = {"w": jnp.ones(3)}
+    # the value-equal transform computes exactly what the plain optax chain computes
+    ref = optax.chain(optax.sgd(optax.cosine_decay_schedule(0.1, 100), momentum=0.9))
+    u1, _ = update({"w": jnp.full(3, 0.5)}, init(params), params)
+    u2, _ = ref.update({"w": jnp.full(3, 0.5)}, ref.init(params), params)
+    np.testing.assert_array_equal(u1["w"], u2["w"])
+    s1, s2 = optim.snapshot_cosine(0.2, 50, 5), optim.snapshot_cosine(0.2, 50, 5)
+    assert s1 == s2 and s1 != optim.snapshot_cosine(0.2, 50, 2)
+    np.testing.assert_allclose(float(s1(7)), float(optim.snapshot_cosine(0.2, 50, 5)(7)))
+    # a scalar array argument is its value; a plain closure is itself (identity): correct, not shared
+    assert optim.make_optimizer("sgd", jnp.asarray(0.5)) == optim.make_optimizer("sgd", 0.5)
+    assert optim.make_optimizer("sgd", lambda c: 0.1) != optim.make_optimizer("sgd", lambda c: 0.1)
+    unhashable = optim.make_optimizer("sgd", 0.1, momentum=jnp.asarray([0.9]))  # not hashable: plain chain
+    assert type(unhashable) is not type(a) and unhashable != optim.make_optimizer("sgd", 0.1, momentum=jnp.asarray([0.9]))
+
+
+def test_no_import_time_jit_or_cache_in_the_library():
+    """Module-level ``jax.jit(...)``, ``@jax.jit`` or ``lru_cache``/``cache`` anywhere in mergejax/."""
+    import ast
+    import pathlib
+
+    import mergejax
+
+    bad = []
+    for path in pathlib.Path(mergejax.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level only
+            decorators = getattr(node, "decorator_list", [])
+            values = [node.value] if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None else []
+            for expr in [*decorators, *values]:
+                src = ast.unparse(expr)
+                if any(k in src for k in ("jax.jit", "lru_cache", "functools.cache", "jax.pmap")):
+                    bad.append(f"{path.name}:{node.lineno}: {src[:60]}")
+    assert not bad, bad
 
 
 def test_enable_compilation_cache(run_python, tmp_path):
@@ -99,7 +174,7 @@ def test_enable_compilation_cache(run_python, tmp_path):
 @pytest.mark.parametrize("n", [0, 5, 16, 70])
 def test_fetch_metrics_equals_plain_device_get(n):
     pending = [{"loss": jnp.float32(i) / 3, "acc": jnp.float32(-i), "vec": jnp.arange(3.0) * i} for i in range(n)]
-    got = train_lib.fetch_metrics(pending)
+    got = loop.fetch_metrics(pending)
     ref = jax.device_get(pending)
     assert len(got) == len(ref) == n
     for g, r in zip(got, ref):

@@ -5,9 +5,11 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import connectivity, data
-from mergejax.models import make_model
-from mergejax.train import create_state, evaluate
+from mergejax.averaging import connectivity
+from mergejax.core import data
+from mergejax.core.models import make_model
+from mergejax.core.loop import evaluate
+from mergejax.core.train import create_state
 
 
 def test_loss_barrier_closed_form():

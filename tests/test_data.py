@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mergejax import data
+from mergejax.core import data
 
 
 # ---------------------------------------------------------------- digits
@@ -196,7 +196,7 @@ def test_shard_batch_on_8_simulated_devices(run_python):
     proc = run_python(
         """
         import json, jax, numpy as np
-        from mergejax import data
+        from mergejax.core import data
         assert jax.device_count() == 8, jax.devices()
         mesh = jax.make_mesh((8,), ("data",))
         split = data.Split(np.random.default_rng(0).normal(size=(40, 4, 4, 3)).astype(np.float32),

@@ -37,7 +37,7 @@ def _env(tmp_path):
 
 
 def _final_arrays(out):
-    from mergejax import checkpoint
+    from mergejax.core import checkpoint
 
     return checkpoint.load(os.path.join(out, "checkpoints", "600"))
 
@@ -173,8 +173,8 @@ def test_divergence_stops_in_one_line_and_leaves_only_finite_checkpoints(tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "non-finite" in lines[0] and "at step" in lines[0], proc.stderr
-    from mergejax import checkpoint
-    from mergejax.train import all_finite
+    from mergejax.core import checkpoint
+    from mergejax.core.loop import all_finite
 
     ckpts = os.path.join(out, "checkpoints")
     for step in (s for s in os.listdir(ckpts) if s.isdigit()):
@@ -219,7 +219,7 @@ def _kill_at_moments(tmp_path, args, moments):
 def _tree_equal(a_path, b_path):
     import jax
 
-    from mergejax import checkpoint
+    from mergejax.core import checkpoint
 
     a, b = checkpoint.load(a_path), checkpoint.load(b_path)
     assert jax.tree.structure(a) == jax.tree.structure(b)

@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import checkpoint
-from mergejax.errors import ConfigMismatch, Diverged
-from mergejax.models import make_model
-from mergejax.train import create_state, fit, make_optimizer, read_metrics, train_step
+from mergejax.core import checkpoint
+from mergejax.core.errors import ConfigMismatch, Diverged
+from mergejax.core.models import make_model
+from mergejax.core.loop import fit, read_metrics
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import create_state, train_step
 
 
 def _state(seed=0, lr=0.05):
@@ -67,7 +69,7 @@ def _poison_after(n):
         state, metrics = jitted(state, batch, rng)
         if int(state.step) == n:
             params = jax.tree.map(lambda x: x, state.params)
-            params["head"]["Dense_0"]["kernel"] = params["head"]["Dense_0"]["kernel"].at[0, 0].set(jnp.inf)
+            params["head"]["dense"]["kernel"] = params["head"]["dense"]["kernel"].at[0, 0].set(jnp.inf)
             state = state.replace(params=params)
         return state, metrics
 

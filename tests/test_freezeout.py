@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from mergejax import freezeout as fo
-from mergejax import train
-from mergejax.models import make_model
+from mergejax.core import loop, optim, train
+from mergejax.core.models import make_model
 
 
 def closed_form_t(L, t0, power):
@@ -26,7 +26,7 @@ def closed_form_lr(a0, t_frac, T, t):
 
 
 def sgd_tx(lr):
-    return train.make_optimizer("sgd", lr, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    return optim.make_optimizer("sgd", lr, momentum=0.9, nesterov=True, weight_decay=1e-3)
 
 
 BASE = sgd_tx(1.0)  # unit-rate optimizer under scale_by_freezeout
@@ -121,10 +121,30 @@ def test_with_plan_swaps_the_schedule_without_recompiling():
         fo.with_plan(st, fo.make_plan(("x", "head"), 10))
 
 
+def test_equal_plans_give_equal_transforms_and_shared_compiles():
+    # value-equal factories: a re-created optimizer is the same static value to jax.jit, so a
+    # sweep's cache dict hands back the stage compiled for an earlier, equal state
+    model = make_model("mlp", 10, hidden=(8, 8))
+    names = model.layer_names()
+    a, b = fo.make_plan(names, 20, t0=0.5), fo.make_plan(names, 20, t0=0.5)
+    assert fo.freezeout_tx(a, sgd_tx(1.0)) == fo.freezeout_tx(b, sgd_tx(1.0))
+    assert hash(fo.freezeout_tx(a, sgd_tx(1.0))) == hash(fo.freezeout_tx(b, sgd_tx(1.0)))
+    assert fo.freezeout_tx(a, sgd_tx(1.0)) != fo.freezeout_tx(fo.make_plan(names, 20, t0=0.8), sgd_tx(1.0))
+    batch = {"image": jnp.ones((4, 8, 8, 1)), "label": jnp.zeros((4,), jnp.int32)}
+    make = lambda: train.create_state(model, jax.random.key(0), (1, 8, 8, 1), fo.freezeout_tx(a, sgd_tx(1.0)))  # noqa: E731
+    cache = {}
+    first, _ = fo.compile_stages(a, make(), batch, jax.random.key(1), cache)
+    other = fo.make_plan(names, 20, t0=0.8, spacing="cubic")  # same stages, another schedule (data)
+    second, _ = fo.compile_stages(other, make().replace(opt_state=fo.with_plan(make().opt_state, other)), batch,
+                                  jax.random.key(2), cache)
+    assert sorted(first) == sorted(second) == [0, 1, 2] and len(cache) == 3
+    assert all(second[k] is first[k] for k in first)
+
+
 def _snapshots(step_fn, state, split, num_steps, batch_size):
     snaps = [jax.device_get((state.params, state.batch_stats))]
-    state, _ = train.fit(state, split, num_steps=num_steps, batch_size=batch_size, step_fn=step_fn, progress=False,
-                         log_every=num_steps, callbacks=[lambda step, s: snaps.append(jax.device_get((s.params, s.batch_stats)))])
+    state, _ = loop.fit(state, split, num_steps=num_steps, batch_size=batch_size, step_fn=step_fn, progress=False,
+                        log_every=num_steps, callbacks=[lambda step, s: snaps.append(jax.device_get((s.params, s.batch_stats)))])
     return state, snaps
 
 
@@ -167,9 +187,9 @@ def test_equal_to_unfrozen_run_before_first_freeze(digits):
         {n: sgd_tx(optax.cosine_decay_schedule(0.1 / t, t * T)) for n, t in zip(plan.layer_names, closed_form_t(3, 0.5, 3))},
         lambda p: {k: jax.tree.map(lambda _: k, v) for k, v in p.items()})
     make = lambda tx: train.create_state(model, jax.random.key(0), (1, 8, 8, 1), tx)  # fit donates its state
-    ref, _ = train.fit(make(ref_tx), train_split, num_steps=first, batch_size=32, progress=False)
-    got, _ = train.fit(make(fo.freezeout_tx(plan, BASE)), train_split, num_steps=first, batch_size=32, progress=False,
-                       step_fn=fo.staged_step_fn(plan))
+    ref, _ = loop.fit(make(ref_tx), train_split, num_steps=first, batch_size=32, progress=False)
+    got, _ = loop.fit(make(fo.freezeout_tx(plan, BASE)), train_split, num_steps=first, batch_size=32, progress=False,
+                      step_fn=fo.staged_step_fn(plan))
     close = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6), a, b)
     close(got.params, ref.params)
     close(got.batch_stats, ref.batch_stats)
@@ -251,16 +271,16 @@ def test_compare_with_baselines_interpolates_the_neighbouring_baselines():
     assert out[6]["measured_saving"] == pytest.approx(0.5) and out[6]["cpu_saving"] is None  # only seed 1's baseline
 
 
-def test_train_and_evaluate_resumes_to_the_same_result(tmp_path):
+def test_train_and_evaluate_resumes_to_the_same_result(tmp_path, digits):
     import shutil
 
-    from mergejax.config import TrainConfig
-
     # one hidden layer, frozen from step 10 on: the resumed run starts at the second stage
-    cfg = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": (16,)}, batch_size=64, steps=20, lr=0.05,
-                      nesterov=True, weight_decay=1e-4, log_every=10, checkpoint_every=10)
-    kw = dict(t0=0.5, spacing="linear", scaled=True, manifest={"test": 1})
-    first = fo.train_and_evaluate(cfg, workdir=str(tmp_path / "a"), repeats=2, **kw)
+    train_split, test_split = digits
+    args = (make_model("mlp", train_split.num_classes, hidden=(16,)), train_split, test_split,
+            optim.make_optimizer("sgd", 1.0, momentum=0.9, nesterov=True, weight_decay=1e-4))
+    kw = dict(total_steps=20, batch_size=64, lr=0.05, log_every=10, checkpoint_every=10,
+              t0=0.5, spacing="linear", scaled=True, manifest={"test": 1})
+    first = fo.train_and_evaluate(*args, workdir=str(tmp_path / "a"), repeats=2, **kw)
     assert first["timed_from_step"] == 0 and not first["resumed"] and first["timed_runs"] == 2
     assert first["train_s"] > 0 and first["cpu_s"] > 0 and first["stages"] == len(first["stage_prefixes"]) > 1
     assert first["stage_prefixes"] == [0, 1] and first["freeze_steps"] == [10, 20] and first["total_steps"] == 20
@@ -269,10 +289,10 @@ def test_train_and_evaluate_resumes_to_the_same_result(tmp_path):
     # killed after the checkpoint of step 10: resumes there, ends where the whole run ended
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "20")
-    resumed = fo.train_and_evaluate(cfg, workdir=str(tmp_path / "b"), **kw)
+    resumed = fo.train_and_evaluate(*args, workdir=str(tmp_path / "b"), **kw)
     assert resumed["resumed"] and resumed["timed_from_step"] == 10 and resumed["train_s"] > 0
     assert {k: resumed[k] for k in same} == {k: first[k] for k in same}
     # killed after the last checkpoint: nothing left to train or time
-    done = fo.train_and_evaluate(cfg, workdir=str(tmp_path / "a"), **kw)
+    done = fo.train_and_evaluate(*args, workdir=str(tmp_path / "a"), **kw)
     assert done["timed_from_step"] == 20 and done["train_s"] is None and done["timed_runs"] == 0
     assert {k: done[k] for k in same} == {k: first[k] for k in same}

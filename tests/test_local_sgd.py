@@ -7,9 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import local_sgd
-from mergejax.models import make_model
-from mergejax.train import TrainState, create_state, make_optimizer, train_step
+from mergejax.averaging import local_sgd
+from mergejax.core.models import make_model
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import TrainState, create_state, train_step
 
 
 def _lin_step(state, batch, rng):
@@ -146,7 +147,7 @@ def test_shard_steps_layout():
 
 
 def _split(n=96, seed=0):
-    from mergejax import data
+    from mergejax.core import data
 
     r = np.random.default_rng(seed)
     return data.Split(r.normal(size=(n, 8, 8, 1)).astype(np.float32), r.integers(0, 10, n).astype(np.int32), 10, "random")
@@ -155,7 +156,7 @@ def _split(n=96, seed=0):
 @pytest.mark.parametrize("tx", [optax.sgd(0.1), optax.sgd(0.05, momentum=0.9)], ids=["sgd", "momentum"])
 def test_train_rounds_k1_equals_fit(tx):
     """train_rounds shards fit's own batch stream, so K = 1 is fit's gradient averaging."""
-    from mergejax.train import fit
+    from mergejax.core.loop import fit
 
     model, split = make_model("mlp", 10, hidden=(16,)), _split()
     s0 = create_state(model, jax.random.key(0), (1, 8, 8, 1), tx)

@@ -11,14 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import checkpoint, merge_cli
+from mergejax.core import checkpoint
+from mergejax.cli import merge as merge_cli
 from mergejax.cli import COMMANDS, main
-from mergejax.config import TrainConfig, to_dict
-from mergejax.errors import ConfigMismatch, CorruptCheckpoint, UserError
+from mergejax.config import to_dict, train_config
+from mergejax.core.errors import ConfigMismatch, CorruptCheckpoint, UserError
 from mergejax.merging.pipeline import evaluate_vars
-from mergejax.models import init_variables, make_model
-from mergejax.train import make_optimizer
-from mergejax.units import variables_of
+from mergejax.core.models import init_variables, make_model
+from mergejax.core.optim import make_optimizer
+from mergejax.core.units import variables_of
 
 SHAPE = (1, 8, 8, 1)
 FAST = ["--quiet", "--set", "gate_epochs=0.2", "--set", "finetune_epochs=0.2", "--set", "log_every=2"]
@@ -86,7 +87,7 @@ def test_merge_command_writes_student(tmp_path, digits, capsys):
     assert "\n" not in str(e.value) and not (tmp_path / "cd").exists()
 
 
-def _run_dir(path, net, config: TrainConfig, *, step: int = 44, summary: bool = True):
+def _run_dir(path, net, config, *, step: int = 44, summary: bool = True):
     """A ``mergejax train`` work directory: ``checkpoints/<step>`` holding what ``fit`` saves
     (step, params, batch_stats, optax state with empty entries) and ``summary.json``."""
     tx = make_optimizer("sgd", 0.05, momentum=0.9, weight_decay=5e-4)
@@ -107,7 +108,7 @@ def test_step_directory_brings_its_runs_config(tmp_path):
     """``merge RUN_A/checkpoints/44 RUN_B``: model, width and dataset come from RUN_A's
     summary.json (the tiny preset, a width-0.5 CNN, would not fit these MLP teachers)."""
     kw = {"hidden": (16,), "width": 0.5}
-    config = TrainConfig(dataset="digits", model="mlp", model_kwargs=kw)
+    config = train_config(dataset="digits", model="mlp", model_kwargs=kw)
     a = _run_dir(tmp_path / "run_a", _net(0, **kw), config)
     b = _run_dir(tmp_path / "run_b", _net(1, **kw), config, step=7)
     assert checkpoint.run_dir_of(os.path.join(a, "checkpoints", "44")) == a
@@ -118,21 +119,21 @@ def test_step_directory_brings_its_runs_config(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["model"] == "mlp" and summary["config"]["model_kwargs"] == {"hidden": [16], "width": 0.5}
     student = checkpoint.load(str(out / "student"))
-    assert np.shape(student["params"]["dense0"]["Dense_0"]["kernel"]) == (64, 8)  # width 0.5 of 16 units
+    assert np.shape(student["params"]["dense0"]["dense"]["kernel"]) == (64, 8)  # width 0.5 of 16 units
     # Without a run directory there is no config to read: a config that does not fit says so in one line.
     lone = checkpoint.save(str(tmp_path / "lone"), _net(2, **kw))
     with pytest.raises(checkpoint.CheckpointMismatch,
-                       match=re.escape("has leaf ['params']['dense0']['Dense_0']['bias'] of shape (8,), model mlp {'hidden': (16,)} has (16,)")):
+                       match=re.escape("has leaf ['params']['dense0']['dense']['bias'] of shape (8,), model mlp {'hidden': (16,)} has (16,)")):
         merge_cli.main([lone, lone, "--out", str(tmp_path / "m2"), *FAST, *MLP])
     assert not (tmp_path / "m2").exists()
 
 
 def test_mismatch_of_fit_checkpoints_names_leaf_and_both_shapes(tmp_path):
-    config = TrainConfig(dataset="digits", model="mlp", model_kwargs={"hidden": (16,)})
+    config = train_config(dataset="digits", model="mlp", model_kwargs={"hidden": (16,)})
     a = _run_dir(tmp_path / "run_a", _net(0, hidden=(16,)), config, summary=False)
     b = _run_dir(tmp_path / "run_b", _net(1, hidden=(17,)), config, summary=False)
     with pytest.raises(checkpoint.CheckpointMismatch,
-                       match=re.escape(f"checkpoint {b} has leaf ['params']['dense0']['Dense_0']['bias'] of shape (17,), "
+                       match=re.escape(f"checkpoint {b} has leaf ['params']['dense0']['dense']['bias'] of shape (17,), "
                                        f"checkpoint {a} has (16,)")) as e:
         merge_cli.main([a, b, "--out", str(tmp_path / "m"), *FAST, *MLP])
     assert "\n" not in str(e.value) and not (tmp_path / "m").exists()
@@ -140,12 +141,12 @@ def test_mismatch_of_fit_checkpoints_names_leaf_and_both_shapes(tmp_path):
 
 def test_teacher_config_from_a_fit_manifest(tmp_path):
     """A run killed before its summary.json: the config comes from fit's manifest.json."""
-    from mergejax import rundir
+    from mergejax.core import rundir
 
     kw = {"hidden": (16,), "width": 0.5}
-    run = _run_dir(tmp_path / "run", _net(0, **kw), TrainConfig(), summary=False)
+    run = _run_dir(tmp_path / "run", _net(0, **kw), train_config(), summary=False)
     assert checkpoint.run_dir_of(run) is None and merge_cli.teacher_config(run) == {}
-    config = to_dict(TrainConfig(dataset="digits", model="mlp", model_kwargs=kw))
+    config = to_dict(train_config(dataset="digits", model="mlp", model_kwargs=kw))
     rundir.write_json(os.path.join(run, "manifest.json"),
                       rundir.make_manifest("fit", {"fit": {"num_steps": 44}, "caller": {"train_config": config}}))
     assert merge_cli.teacher_config(os.path.join(run, "checkpoints", "44")) == {"dataset": "digits", "model": "mlp", "model_kwargs": kw}

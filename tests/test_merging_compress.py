@@ -7,8 +7,8 @@ import pytest
 
 from mergejax.merging.compress import compress, keep_index
 from mergejax.merging.gates import deterministic, gated_apply
-from mergejax.models import apply_model, init_variables, make_model
-from mergejax.units import unit_spec, variables_of
+from mergejax.core.models import apply_model, init_variables, make_model
+from mergejax.core.units import unit_spec, variables_of
 
 from conftest import MODEL_CASES as CASES
 
@@ -46,7 +46,7 @@ def test_compressed_student_equals_gated_big_student(name, kw, shape):
         got, got_stats = apply_model(teacher, student["params"], student["batch_stats"], x, train=train)
         np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-4)
         if train:  # updated running statistics of the kept units agree too
-            from mergejax.units import take_units
+            from mergejax.core.units import take_units
             sliced = take_units(variables_of(big["params"], want_stats), spec, keep)["batch_stats"]
             jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, atol=1e-5, rtol=1e-5), got_stats, sliced)
     plain, _ = apply_model(big_model, big["params"], big["batch_stats"], x, train=False)
@@ -65,7 +65,7 @@ def test_folding_is_needed_and_ranking_uses_log_alpha():
     assert list(keep["dense1"]) == [0, 1, 2]
     student, _ = compress(v, la, spec)
     z = np.asarray(deterministic(la["dense1"]))[[0, 1, 2]]
-    np.testing.assert_allclose(student["params"]["head"]["Dense_0"]["kernel"],
-                               np.asarray(p["head"]["Dense_0"]["kernel"])[[0, 1, 2]] * z[:, None], rtol=1e-6)
+    np.testing.assert_allclose(student["params"]["head"]["dense"]["kernel"],
+                               np.asarray(p["head"]["dense"]["kernel"])[[0, 1, 2]] * z[:, None], rtol=1e-6)
     with pytest.raises(ValueError, match="dense1"):
         compress(v, {"dense0": la["dense0"]}, spec)

@@ -7,8 +7,8 @@ import pytest
 import scipy.linalg
 
 from mergejax.merging.concat import concat, concat_spec
-from mergejax.models import apply_model, init_variables, make_model
-from mergejax.units import check_spec, unit_spec, variables_of
+from mergejax.core.models import apply_model, init_variables, make_model
+from mergejax.core.units import check_spec, unit_spec, variables_of
 
 from conftest import MODEL_CASES as CASES
 
@@ -58,16 +58,16 @@ def test_mlp_leaves_against_numpy_block_matrices():
     _, vb = teacher("mlp", {}, (2, 8, 8, 1), 1)
     big = concat(va, vb, unit_spec(model, va))
     A, B, Bg = va["params"], vb["params"], big["params"]
-    np.testing.assert_array_equal(Bg["dense0"]["Dense_0"]["kernel"],
-                                  np.hstack([A["dense0"]["Dense_0"]["kernel"], B["dense0"]["Dense_0"]["kernel"]]))
-    np.testing.assert_array_equal(Bg["dense1"]["Dense_0"]["kernel"],
-                                  scipy.linalg.block_diag(A["dense1"]["Dense_0"]["kernel"], B["dense1"]["Dense_0"]["kernel"]))
-    np.testing.assert_array_equal(Bg["dense1"]["Dense_0"]["bias"],
-                                  np.concatenate([A["dense1"]["Dense_0"]["bias"], B["dense1"]["Dense_0"]["bias"]]))
-    np.testing.assert_allclose(Bg["head"]["Dense_0"]["kernel"],
-                               np.vstack([A["head"]["Dense_0"]["kernel"], B["head"]["Dense_0"]["kernel"]]) / 2)
-    np.testing.assert_allclose(Bg["head"]["Dense_0"]["bias"],
-                               (A["head"]["Dense_0"]["bias"] + B["head"]["Dense_0"]["bias"]) / 2)
+    np.testing.assert_array_equal(Bg["dense0"]["dense"]["kernel"],
+                                  np.hstack([A["dense0"]["dense"]["kernel"], B["dense0"]["dense"]["kernel"]]))
+    np.testing.assert_array_equal(Bg["dense1"]["dense"]["kernel"],
+                                  scipy.linalg.block_diag(A["dense1"]["dense"]["kernel"], B["dense1"]["dense"]["kernel"]))
+    np.testing.assert_array_equal(Bg["dense1"]["dense"]["bias"],
+                                  np.concatenate([A["dense1"]["dense"]["bias"], B["dense1"]["dense"]["bias"]]))
+    np.testing.assert_allclose(Bg["head"]["dense"]["kernel"],
+                               np.vstack([A["head"]["dense"]["kernel"], B["head"]["dense"]["kernel"]]) / 2)
+    np.testing.assert_allclose(Bg["head"]["dense"]["bias"],
+                               (A["head"]["dense"]["bias"] + B["head"]["dense"]["bias"]) / 2)
 
 
 def test_resnet_cross_blocks_zero_and_bn_concatenated():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mergejax.merging import gates as G
-from mergejax.models import apply_model, init_variables, make_model
-from mergejax.units import unit_spec, variables_of
+from mergejax.core.models import apply_model, init_variables, make_model
+from mergejax.core.units import unit_spec, variables_of
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
@@ -96,11 +96,11 @@ def test_gated_forward_equals_manual_mlp_float64(x64):
     gates = {"dense0": G.sample(jax.random.key(2), jnp.zeros(6), (3,)), "dense1": jnp.linspace(0, 1, 5)}
     out, _ = G.gated_apply(model, v["params"], v["batch_stats"], jnp.asarray(x), gates, spec, train=False)
     P = jax.tree.map(np.asarray, v["params"])
-    h = np.maximum(x.reshape(3, -1) @ P["dense0"]["Dense_0"]["kernel"] + P["dense0"]["Dense_0"]["bias"], 0)
+    h = np.maximum(x.reshape(3, -1) @ P["dense0"]["dense"]["kernel"] + P["dense0"]["dense"]["bias"], 0)
     h = h * np.asarray(gates["dense0"])
-    h = np.maximum(h @ P["dense1"]["Dense_0"]["kernel"] + P["dense1"]["Dense_0"]["bias"], 0)
+    h = np.maximum(h @ P["dense1"]["dense"]["kernel"] + P["dense1"]["dense"]["bias"], 0)
     h = h * np.asarray(gates["dense1"])
-    ref = h @ P["head"]["Dense_0"]["kernel"] + P["head"]["Dense_0"]["bias"]
+    ref = h @ P["head"]["dense"]["kernel"] + P["head"]["dense"]["bias"]
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-12)
 
 
@@ -115,7 +115,7 @@ def test_gated_forward_ones_is_identity_and_zero_stream_gate_blocks_resnet():
     np.testing.assert_allclose(gated, plain, atol=1e-5)
     # Closing the last stream's gate leaves only the classifier bias.
     closed, _ = G.gated_apply(model, v["params"], v["batch_stats"], x, {"stage3": jnp.zeros(64)}, spec, train=False)
-    np.testing.assert_allclose(closed, jnp.broadcast_to(v["params"]["head"]["Dense_0"]["bias"], closed.shape), atol=1e-6)
+    np.testing.assert_allclose(closed, jnp.broadcast_to(v["params"]["head"]["dense"]["bias"], closed.shape), atol=1e-6)
     # ...and the block consumers see it: closing stage1 changes the output.
     mid, _ = G.gated_apply(model, v["params"], v["batch_stats"], x, {"stage1": jnp.zeros(16)}, spec, train=False)
     assert float(jnp.abs(mid - plain).max()) > 1e-3

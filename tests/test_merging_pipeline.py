@@ -1,22 +1,24 @@
 """The merge stages: an interrupted gate stage resumes to the same summary (the gate history
 recorded by its callback included), and the stages compose into ``merge``."""
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
 
-from mergejax import data as data_lib
+from mergejax.cli.merge import get_config, stage_args
+from mergejax.config import replace
+from mergejax.core import data as data_lib
 from mergejax.merging.concat import concat
-from mergejax.merging.pipeline import MergeConfig, compress_stage, double_width, evaluate_vars, gate_stage, merge
-from mergejax.models import init_variables, make_model
-from mergejax.train import TrainState, evaluate, make_optimizer, model_apply_fn
-from mergejax.units import unit_spec, variables_of
+from mergejax.merging.pipeline import compress_stage, double_width, evaluate_vars, gate_stage, merge
+from mergejax.core.models import init_variables, make_model
+from mergejax.core.loop import evaluate
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import TrainState, model_apply_fn
+from mergejax.core.units import unit_spec, variables_of
 
 MODEL = make_model("mlp", 10, hidden=(16,))
-CFG = MergeConfig(model="mlp", model_kwargs={"hidden": (16,)}, batch_size=64, gate_epochs=2, finetune_epochs=1,
-                  lambda0=5.0, lambda_step=5.0, gate_lr=5.0, log_every=1)
+CFG = replace(get_config("tiny"), model="mlp", model_kwargs={"hidden": (16,)}, batch_size=64, gate_epochs=2.0,
+              finetune_epochs=1.0, lambda0=5.0, lambda_step=5.0, gate_lr=5.0, log_every=1, checkpoint_every=0)
 
 
 def _teachers():
@@ -51,15 +53,16 @@ def _no_time(log):
 
 def test_interrupted_gate_stage_resumes_to_the_same_summary(tmp_path, data):
     train, test = data  # 4 steps per epoch: 8 gate steps, checkpoints every 2
-    cfg, kw = dataclasses.replace(CFG, checkpoint_every=2), dict(key=jax.random.key(3), progress=False, record_every=1)
-    ref_vars, ref_las, ref = gate_stage(double_width(MODEL), _big(), cfg, train, test, workdir=str(tmp_path / "a"), **kw)
+    gate, _ = stage_args(replace(CFG, checkpoint_every=2), len(train))
+    kw = dict(key=jax.random.key(3), progress=False, record_every=1, **gate)
+    ref_vars, ref_las, ref = gate_stage(double_width(MODEL), _big(), train, test, workdir=str(tmp_path / "a"), **kw)
 
     with pytest.raises(Interrupt):  # killed after step 5, whose gates were recorded; last checkpoint: step 4
-        gate_stage(double_width(MODEL), _big(), cfg, train, test, workdir=str(tmp_path / "b"),
+        gate_stage(double_width(MODEL), _big(), train, test, workdir=str(tmp_path / "b"),
                    callbacks=[_interrupt_at(5)], **kw)
     recorded = (tmp_path / "b" / "gate_history.jsonl").read_text().splitlines()
     assert len(recorded) == 6  # steps 0..5
-    out_vars, las, got = gate_stage(double_width(MODEL), _big(), cfg, train, test, workdir=str(tmp_path / "b"), **kw)
+    out_vars, las, got = gate_stage(double_width(MODEL), _big(), train, test, workdir=str(tmp_path / "b"), **kw)
 
     assert got["gate_history"] == ref["gate_history"]
     assert got["gate_history"]["step"] == list(range(9))
@@ -72,11 +75,12 @@ def test_interrupted_gate_stage_resumes_to_the_same_summary(tmp_path, data):
 def test_stages_compose_into_merge(data):
     train, test = data
     key = jax.random.key(7)
-    student, summary = merge(*_teachers(), CFG, train, test, key=key, model=MODEL, progress=False)
+    gate, finetune = stage_args(CFG, len(train))
+    student, summary = merge(*_teachers(), MODEL, train, test, key=key, gate=gate, finetune=finetune, progress=False)
     gate_key, finetune_key = jax.random.split(key)
-    big_vars, las, s1 = gate_stage(double_width(MODEL), _big(), CFG, train, test, key=gate_key, progress=False)
-    student2, s2 = compress_stage(double_width(MODEL), MODEL, big_vars, las, CFG, train, test, key=finetune_key, progress=False,
-                                  teacher_units=unit_spec(MODEL, _teachers()[0]).groups)
+    big_vars, las, s1 = gate_stage(double_width(MODEL), _big(), train, test, key=gate_key, progress=False, **gate)
+    student2, s2 = compress_stage(double_width(MODEL), MODEL, big_vars, las, train, test, key=finetune_key, progress=False,
+                                  teacher_units=unit_spec(MODEL, _teachers()[0]).groups, **finetune)
     jax.tree.map(np.testing.assert_array_equal, student, student2)
     assert summary["after_finetune"] == s2["after_finetune"] and summary["gate_history"] == s1["gate_history"]
     assert summary["steps"] == {"gates": 8, "per_epoch": 4, "finetune": 4}

@@ -6,19 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax import data as data_lib
+from mergejax.core import data as data_lib
 from mergejax.merging import gates as G
-from mergejax.merging.pipeline import MergeConfig, merge
-from mergejax.merging.train import create_gate_state, gate_optimizer, gate_train_step
-from mergejax.models import init_variables, make_model
-from mergejax.units import unit_spec, variables_of
+from mergejax.cli.merge import get_config, stage_args
+from mergejax.config import replace
+from mergejax.core.train import STEP_STATIC, train_step
+from mergejax.merging.pipeline import merge
+from mergejax.merging.train import GateLoss, create_gate_state, gate_optimizer
+from mergejax.core.models import init_variables, make_model
+from mergejax.core.units import unit_spec, variables_of
 
 
 def _mlp_forward(P, x, g0, g1):
     """Hand-written MLP(hidden=(6, 5)) with input-side gates; x (B, D), g (B, units)."""
-    h = jax.nn.relu(x @ P["dense0"]["Dense_0"]["kernel"] + P["dense0"]["Dense_0"]["bias"]) * g0
-    h = jax.nn.relu(h @ P["dense1"]["Dense_0"]["kernel"] + P["dense1"]["Dense_0"]["bias"]) * g1
-    return h @ P["head"]["Dense_0"]["kernel"] + P["head"]["Dense_0"]["bias"]
+    h = jax.nn.relu(x @ P["dense0"]["dense"]["kernel"] + P["dense0"]["dense"]["bias"]) * g0
+    h = jax.nn.relu(h @ P["dense1"]["dense"]["kernel"] + P["dense1"]["dense"]["bias"]) * g1
+    return h @ P["head"]["dense"]["kernel"] + P["head"]["dense"]["bias"]
 
 
 def test_golden_one_step_float64():
@@ -35,7 +38,7 @@ def test_golden_one_step_float64():
         batch = {"image": x, "label": jnp.asarray([0, 1, 2, 1]), "mask": jnp.ones(4)}
         rng = jax.random.key(5)
         lam = 0.7
-        new, metrics = jax.jit(functools.partial(gate_train_step, lambda_fn=lambda step: lam))(state, batch, rng)
+        new, metrics = jax.jit(functools.partial(train_step, loss_fn=GateLoss(lambda step: lam)))(state, batch, rng)
 
         # Reference: same gate samples (the step's documented key derivation), hand-written
         # forward, closed-form L_half, and one SGD step by hand (first momentum step = grad).
@@ -68,10 +71,11 @@ def test_l_half_drives_gates_to_half_open():
     spec = unit_spec(model, v)
     la = G.init_log_alpha(jax.random.key(1), spec, mean=3.0)
     state = create_gate_state(model, spec, v, la, gate_optimizer(0.0, 1.0))
-    step = jax.jit(functools.partial(gate_train_step, lambda_fn=lambda s: 50.0))
+    step = jax.jit(train_step, static_argnames=STEP_STATIC)
+    loss_fn = GateLoss(lambda s: 50.0)
     batch = {"image": jnp.zeros((2, 4)), "label": jnp.zeros(2, jnp.int32)}
     for i in range(300):
-        state, m = step(state, batch, jax.random.key(i))
+        state, m = step(state, batch, jax.random.key(i), loss_fn=loss_fn)
     p_open = float(jnp.mean(G.prob_open(state.params["gates"]["dense0"])))
     assert abs(p_open - 0.5) < 0.05, p_open
     jax.tree.map(np.testing.assert_array_equal, state.params["model"], v["params"])  # lr 0: weights fixed
@@ -82,9 +86,11 @@ def test_merge_pipeline_smoke(digits):
     train = data_lib.Split(train.images[:256], train.labels[:256], train.num_classes, "digits256")
     model = make_model("mlp", 10, hidden=(16,))
     teachers = [variables_of(*init_variables(model, jax.random.key(i), (1, 8, 8, 1))) for i in (0, 1)]
-    cfg = MergeConfig(model="mlp", model_kwargs={"hidden": (16,)}, batch_size=64, gate_epochs=2, finetune_epochs=1,
-                      lambda0=5.0, lambda_step=5.0, gate_lr=5.0, log_every=4)
-    student, summary = merge(teachers[0], teachers[1], cfg, train, test, progress=False)
+    cfg = replace(get_config("tiny"), model="mlp", model_kwargs={"hidden": (16,)}, batch_size=64, gate_epochs=2.0,
+                  finetune_epochs=1.0, lambda0=5.0, lambda_step=5.0, gate_lr=5.0, log_every=4, checkpoint_every=0)
+    gate, finetune = stage_args(cfg, len(train))
+    student, summary = merge(teachers[0], teachers[1], model, train, test, key=jax.random.key(cfg.seed), gate=gate,
+                             finetune=finetune, progress=False)
     # Deterministic gates start at exactly 1: step 0 is the ensemble.
     assert summary["big_student_step0"] == summary["big_start"]
     assert jax.tree.map(jnp.shape, student) == jax.tree.map(jnp.shape, teachers[0])

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax.models import MODELS, apply_model, count_params, init_variables, make_model
+from mergejax.core.models import MODELS, apply_model, count_params, init_variables, make_model
 
 CIFAR = (2, 32, 32, 3)
 DIGITS = (2, 8, 8, 1)
@@ -127,7 +127,7 @@ def test_width_multiplier_doubles_channels(name):
         b = flat2[path]
         key = jax.tree_util.keystr(path)
         first_layer = key.startswith(("['dense0']", "['conv0']", "['stem']"))
-        is_head_dense = "['head']['Dense_0']" in key
+        is_head_dense = "['head']['dense']" in key
         expected = list(a.shape)
         if a.ndim == 1:  # bias / BN: one per output unit; the head's output units are the classes
             expected[0] *= 1 if (is_head_dense and key.endswith("['bias']")) else 2

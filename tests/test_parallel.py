@@ -1,7 +1,7 @@
 """Data-parallel step and multi-process local SGD.
 
 Simulated devices and jax.distributed need their own process; they run tests/_dp_worker.py
-and ``python -m mergejax.distributed`` in subprocesses so this pytest process keeps its
+and ``python -m mergejax.averaging.distributed`` in subprocesses so this pytest process keeps its
 single CPU device.
 """
 
@@ -16,9 +16,9 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import parallel
-from mergejax.models import apply_model, init_variables, make_model
-from mergejax.train import create_state, train_step
+from mergejax.averaging import parallel
+from mergejax.core.models import apply_model, init_variables, make_model
+from mergejax.core.train import create_state, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "_dp_worker.py")
@@ -36,7 +36,7 @@ def test_dp_step_under_vmap_equals_full_batch():
     r = np.random.default_rng(0)
     batch = {"image": r.normal(size=(32, 8, 8, 1)).astype(np.float32), "label": r.integers(0, 10, 32).astype(np.int32),
              "mask": (np.arange(32) < 29).astype(np.float32)}  # padded tail: shards hold 8, 8, 8, 5 real examples
-    step = jax.vmap(lambda s, b, k: parallel.dp_train_step(s, b, k, vma=False), in_axes=(None, 0, None), axis_name="data")
+    step = jax.vmap(lambda s, b, k: train_step(s, b, k, axis_name="data", vma=False), in_axes=(None, 0, None), axis_name="data")
     out, m = step(s0, parallel.split_batch(batch, 4), jax.random.key(1))
     ref, mr = train_step(s0, batch, jax.random.key(1))
     for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(ref.params)):
@@ -109,7 +109,7 @@ def test_dp_step_on_8_simulated_devices(tmp_path):
 def test_two_process_reference_trains():
     """The single-process side of the 2-process check (the slow test below runs the other):
     one batch per worker and local step in every round, and the weights move."""
-    from mergejax import distributed
+    from mergejax.averaging import distributed
 
     state, rounds, ref = distributed.reference()
     assert len(rounds) == distributed.ROUNDS and rounds[0]["image"].shape[:2] == (2, distributed.LOCAL_STEPS)
@@ -120,7 +120,7 @@ def test_two_process_reference_trains():
 
 @pytest.mark.slow  # two fresh JAX processes + gloo: ~35 s CPU; `pytest -m slow` (experiment (d) runs it too)
 def test_local_sgd_two_processes(tmp_path):
-    from mergejax import distributed
+    from mergejax.averaging import distributed
 
     procs = distributed.launch(str(tmp_path), num_processes=2, timeout=600)
     # Single-process reference: the same 2 workers simulated with vmap.

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from mergejax.models import apply_model, init_variables, make_model
-from mergejax.rebasin import align, matching_cost, weight_matching
-from mergejax.units import _flat, take_units, unit_spec, variables_of
+from mergejax.core.models import apply_model, init_variables, make_model
+from mergejax.averaging.rebasin import align, matching_cost, weight_matching
+from mergejax.core import trees
+from mergejax.core.units import take_units, unit_spec, variables_of
 
 CASES = [
     ("mlp", dict(hidden=(32, 24)), (2, 8, 8, 1)),
@@ -46,11 +47,11 @@ def test_cost_matches_bruteforce_for_single_layer():
     model, va = _vars("mlp", dict(hidden=(5,)), (1, 2, 2, 1), 0)
     _, vb = _vars("mlp", dict(hidden=(5,)), (1, 2, 2, 1), 1)
     spec = unit_spec(model, va)
-    fa, fb = _flat(va), _flat(vb)
+    fa, fb = trees.flatten_paths(va), trees.flatten_paths(vb)
     pa, pb = va["params"], vb["params"]
-    ref = (np.asarray(pa["dense0"]["Dense_0"]["kernel"], np.float64).T @ np.asarray(pb["dense0"]["Dense_0"]["kernel"], np.float64)
-           + np.outer(pa["dense0"]["Dense_0"]["bias"], pb["dense0"]["Dense_0"]["bias"])
-           + np.asarray(pa["head"]["Dense_0"]["kernel"], np.float64) @ np.asarray(pb["head"]["Dense_0"]["kernel"], np.float64).T)
+    ref = (np.asarray(pa["dense0"]["dense"]["kernel"], np.float64).T @ np.asarray(pb["dense0"]["dense"]["kernel"], np.float64)
+           + np.outer(pa["dense0"]["dense"]["bias"], pb["dense0"]["dense"]["bias"])
+           + np.asarray(pa["head"]["dense"]["kernel"], np.float64) @ np.asarray(pb["head"]["dense"]["kernel"], np.float64).T)
     cost = matching_cost(spec, fa, fb, "dense0", {"dense0": np.arange(5)})
     np.testing.assert_allclose(cost, ref, rtol=1e-10)
     # One group: weight matching is a single exact assignment.
@@ -71,5 +72,5 @@ def test_matching_increases_similarity_of_independent_nets():
 def test_mismatched_shapes_name_leaf():
     model, va = _vars("mlp", dict(hidden=(8,)), (1, 8, 8, 1), 0)
     _, vb = _vars("mlp", dict(hidden=(9,)), (1, 8, 8, 1), 1)
-    with pytest.raises(ValueError, match="dense0/Dense_0/bias"):
+    with pytest.raises(ValueError, match="dense0/dense/bias"):
         weight_matching(unit_spec(model, va), va, vb)

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from mergejax import rundir
-from mergejax.errors import ConfigMismatch, LockedError, UserError
+from mergejax.core import rundir
+from mergejax.core.errors import ConfigMismatch, LockedError, UserError
 
 
 def _manifest(**config):
@@ -73,7 +73,7 @@ def test_jsonable_turns_non_finite_into_null_and_stays_valid_json(tmp_path):
 def test_second_writer_is_refused_while_the_first_lives(tmp_path):
     d = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mergejax import rundir; rundir.acquire_lock(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from mergejax.core import rundir; rundir.acquire_lock(sys.argv[1]); "
          "print('locked', flush=True); time.sleep(60)", str(d)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import schedules
+from mergejax.core import optim as schedules
 
 ATOL = 2e-7  # float32 schedule vs float64 reference, lr <= 0.2
 
@@ -114,7 +114,7 @@ def test_fge_triangle_closed_form(c, start):
 
 
 def test_fge_plan_joins_pretraining():
-    from mergejax.swa import fge_plan
+    from mergejax.ensembles.swa import fge_plan
 
     pre = schedules.step_decay(0.1, 40)
     lr_fn, b = fge_plan(pre, 30, 0.05, 0.001, 4, 46)

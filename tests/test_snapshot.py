@@ -9,20 +9,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import checkpoint, data, schedules
-from mergejax.models import make_model
-from mergejax.snapshot import (
+from mergejax.core import checkpoint
+from mergejax.core import data
+from mergejax.core import optim as schedules
+from mergejax.core import trees
+from mergejax.core.models import make_model
+from mergejax.ensembles.snapshot import (
     SnapshotCollector,
     ensemble_curve,
     ensemble_sums,
     evaluate_ensemble,
+    curve_summary,
+    final_snapshot,
     fit_with_snapshots,
     load_snapshots,
-    stack_trees,
-    unstack_tree,
+    stack_snapshots,
     vote_predictions,
 )
-from mergejax.train import create_state, fit, make_optimizer
+from mergejax.core.loop import fit
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import create_state
 
 
 def _np_ensemble(logits, labels, mask):
@@ -82,15 +88,15 @@ def test_hard_vote_hand_example():
 def test_evaluate_ensemble_real_model_matches_per_snapshot_loop(digits):
     _, test = digits
     model = make_model("cnn", 10, width=0.25)
-    from mergejax.models import apply_model, init_variables
-    from mergejax.train import model_apply_fn
+    from mergejax.core.models import apply_model, init_variables
+    from mergejax.core.train import model_apply_fn
 
     snaps = []
     for i in range(3):
         p, s = init_variables(model, jax.random.key(i), (1, 8, 8, 1))
         s = jax.tree.map(lambda v, i=i: v + 0.1 * (i + 1), s)  # non-trivial BN statistics
         snaps.append({"params": p, "batch_stats": s})
-    st = stack_trees(snaps)
+    st = stack_snapshots(snaps)
     small = data.Split(test.images[:130], test.labels[:130], test.num_classes, test.name)
     got = evaluate_ensemble(model_apply_fn(model), st["params"], st["batch_stats"], small, batch_size=50)  # padded last batch
     seq = evaluate_ensemble(model_apply_fn(model), st["params"], st["batch_stats"], small, batch_size=50, member_map="map")
@@ -108,13 +114,13 @@ def test_evaluate_ensemble_real_model_matches_per_snapshot_loop(digits):
         evaluate_ensemble(model_apply_fn(model), st["params"], st["batch_stats"], small, member_map="loop")
 
 
-def test_stack_trees_errors_name_the_leaf():
+def test_stack_snapshots_errors_name_the_leaf():
     a = {"head": {"kernel": jnp.zeros((4, 3))}}
     b = {"head": {"kernel": jnp.zeros((5, 3))}}
     with pytest.raises(ValueError, match=r"snapshot 1 has leaf \['head'\]\['kernel'\] of shape \(5, 3\)"):
-        stack_trees([a, b])
-    st = stack_trees([a, a])
-    assert st["head"]["kernel"].shape == (2, 4, 3) and len(unstack_tree(st)) == 2
+        stack_snapshots([a, b])
+    st = stack_snapshots([a, a])
+    assert st["head"]["kernel"].shape == (2, 4, 3) and len(trees.unstack(st)) == 2
 
 
 def _tiny_run(train, num_steps, state, callbacks=()):
@@ -141,7 +147,7 @@ def test_collector_takes_snapshot_at_each_cycle_end(digits, tmp_path):
             jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), got["params"], ref.params)
             jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), got["batch_stats"], ref.batch_stats)
     # snapshots differ from each other (the collector did not alias one buffer)
-    k0, k1 = (s["params"]["head"]["Dense_0"]["kernel"] for s in mem.snapshots()[:2])
+    k0, k1 = (s["params"]["head"]["dense"]["kernel"] for s in mem.snapshots()[:2])
     assert not np.allclose(k0, k1)
     p, s = mem.stacked(last=2)
     assert jax.tree.leaves(p)[0].shape[0] == 2
@@ -202,6 +208,10 @@ def test_fit_with_snapshots_resumed_equals_uninterrupted(digits, tmp_path):
     mtime = os.stat(first).st_mtime_ns
     got_state, got_snaps, got_log = fit_with_snapshots(fresh(), train, bounds, work, **kw)
     assert os.stat(first).st_mtime_ns == mtime  # taken before the kill, read back, not retaken
+    # each snapshot is stored once: the last one is fit's final checkpoint, read back by final_snapshot
+    assert sorted(os.listdir(os.path.join(work, "snapshots"))) == ["step_4", "step_9"]
+    last = final_snapshot(work, ref_snaps[-1])
+    jax.tree.map(np.testing.assert_array_equal, last, {"params": got_state.params, "batch_stats": got_state.batch_stats})
     close = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)  # noqa: E731
     for a, b in zip(got_snaps, ref_snaps, strict=True):
         close(a, b)
@@ -209,5 +219,16 @@ def test_fit_with_snapshots_resumed_equals_uninterrupted(digits, tmp_path):
     drop_time = lambda log: [{k: v for k, v in r.items() if k != "time_s"} for r in log]  # noqa: E731
     assert drop_time(got_log) == drop_time(ref_log)
     # the curve of the reloaded snapshots is the curve of the stacked ones
-    p, s = stack_trees([x["params"] for x in got_snaps]), stack_trees([x["batch_stats"] for x in got_snaps])
+    p, s = stack_snapshots([x["params"] for x in got_snaps]), stack_snapshots([x["batch_stats"] for x in got_snaps])
     assert ensemble_curve(got_state.apply_fn, got_snaps, test, 128) == evaluate_ensemble(got_state.apply_fn, p, s, test, 128)
+
+
+def test_curve_summary_is_mean_and_sample_std_over_runs():
+    a = {"m": [1, 2], "error": [0.2, 0.1], "nll": [0.5, 0.4], "vote_accuracy": [0.8, 0.7]}
+    b = {"m": [1, 2], "error": [0.4, 0.3], "nll": [0.7, 0.2], "vote_accuracy": [0.6, 0.9]}
+    s = curve_summary([a, b])
+    assert s["members"] == 2 and s["error_pct"]["n"] == 2
+    np.testing.assert_allclose([s["error_pct"]["mean"], s["error_pct"]["std"]], [20.0, np.std([10, 30], ddof=1)])
+    np.testing.assert_allclose([s["nll"]["mean"], s["vote_error_pct"]["mean"]], [0.3, 20.0])
+    np.testing.assert_allclose([x["mean"] for x in s["error_vs_m_pct"]], [30.0, 20.0])
+    assert curve_summary([a])["error_pct"]["std"] == 0.0

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax import soups
+from mergejax.averaging import soups
 
 
 def test_greedy_soup_hand_example():

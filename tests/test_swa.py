@@ -9,11 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from mergejax import data, schedules
-from mergejax.models import make_model
-from mergejax.snapshot import SnapshotCollector
-from mergejax.swa import fge_cycle_steps, recompute_batch_stats, running_mean, swa_average, swa_model, swa_params, swa_state
-from mergejax.train import create_state, fit, make_optimizer
+from mergejax.core import data
+from mergejax.core import optim as schedules
+from mergejax.core.models import make_model
+from mergejax.ensembles.snapshot import SnapshotCollector
+from mergejax.ensembles.swa import equal_budget_plans, fge_cycle_steps, recompute_batch_stats, with_swa_average, running_mean, swa_average, swa_model, swa_params, swa_state
+from mergejax.core.loop import fit
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import create_state
 
 
 def test_running_mean_is_the_mean():
@@ -30,9 +33,9 @@ def test_running_mean_is_the_mean():
 
 
 def test_running_mean_errors_name_the_leaf():
-    with pytest.raises(ValueError, match=r"leaf \['a'\] has shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"leaf \['a'\] of shape \(3,\)"):
         running_mean({"a": jnp.zeros(2)}, {"a": jnp.zeros(3)}, 1)
-    with pytest.raises(ValueError, match="only in the new"):
+    with pytest.raises(ValueError, match=r"only the new tree has leaf \['z'\]"):
         running_mean({"a": jnp.zeros(2)}, {"a": jnp.zeros(2), "z": jnp.zeros(1)}, 1)
 
 
@@ -144,3 +147,18 @@ def test_recompute_batch_stats_vs_numpy(momentum):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), got, ref)
     # a model without BatchNorm keeps {}
     assert recompute_batch_stats(apply_fn, params, {}, split, bs) == {}
+
+
+def test_equal_budget_plans_share_the_budget_and_compare_by_value():
+    T, M, per_epoch = 100, 3, 10
+    plans = equal_budget_plans(T, per_epoch, M, 0.1, alpha0s=(0.1, 0.2), swa_start=0.5, fge_start=0.5)
+    assert sum(plans[f"single_cycle-{j}"].num_steps for j in range(M)) == T  # M cycles of one budget
+    assert all(p.num_steps == T for k, p in plans.items() if not k.startswith("single_cycle"))
+    assert plans["snapshot_0.2"].marks == schedules.snapshot_boundaries(T, M) == plans["single"].marks
+    assert plans["swa"].marks == tuple(range(50, T + 1, per_epoch)) and plans["swa"].swa_every == per_epoch
+    assert len(plans["fge"].marks) == M and plans["fge"].marks[-1] <= T
+    # equal recipes are equal static values, so a re-made optimizer reuses the compiled step
+    again = equal_budget_plans(T, per_epoch, M, 0.1, alpha0s=(0.1, 0.2), swa_start=0.5, fge_start=0.5)
+    assert again["fge"].lr_fn == plans["fge"].lr_fn and hash(again["fge"].lr_fn) == hash(plans["fge"].lr_fn)
+    tx = lambda: with_swa_average(make_optimizer("sgd", plans["swa"].lr_fn), 50, per_epoch)  # noqa: E731
+    assert tx() == tx() and hash(tx()) == hash(tx()) and tx() != with_swa_average(make_optimizer("sgd", plans["swa"].lr_fn), 50, 1)

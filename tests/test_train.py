@@ -9,19 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax.models import make_model
-from mergejax.schedules import make_schedule, step_decay
-from mergejax.train import (
-    TrainState,
-    create_state,
-    cross_entropy,
-    evaluate,
-    fit,
-    make_optimizer,
-    model_apply_fn,
-    read_metrics,
-    train_step,
-)
+from mergejax.core.models import make_model
+from mergejax.core.optim import make_schedule, step_decay
+from mergejax.core.loop import evaluate, fit, read_metrics
+from mergejax.core.optim import make_optimizer
+from mergejax.core.train import TrainState, create_state, cross_entropy, model_apply_fn, train_step
 
 # ---------------------------------------------------------------- golden steps (float64 numpy reference)
 
@@ -48,10 +40,10 @@ def _np_mlp_grads(p, x, y, mask):
 
 def _to_np(params):
     return {
-        "w1": np.asarray(params["dense0"]["Dense_0"]["kernel"], np.float64),
-        "b1": np.asarray(params["dense0"]["Dense_0"]["bias"], np.float64),
-        "w2": np.asarray(params["head"]["Dense_0"]["kernel"], np.float64),
-        "b2": np.asarray(params["head"]["Dense_0"]["bias"], np.float64),
+        "w1": np.asarray(params["dense0"]["dense"]["kernel"], np.float64),
+        "b1": np.asarray(params["dense0"]["dense"]["bias"], np.float64),
+        "w2": np.asarray(params["head"]["dense"]["kernel"], np.float64),
+        "b2": np.asarray(params["head"]["dense"]["bias"], np.float64),
     }
 
 
@@ -84,7 +76,7 @@ def test_golden_two_steps_sgd_momentum_weight_decay_float64():
                 trace[k] = g[k] + wd * p[k] + mu * trace[k]
                 p[k] = p[k] - lr * trace[k]
             got = _to_np(state.params)
-            assert state.params["head"]["Dense_0"]["kernel"].dtype == jnp.float64
+            assert state.params["head"]["dense"]["kernel"].dtype == jnp.float64
             for k in p:
                 np.testing.assert_allclose(got[k], p[k], rtol=1e-12, atol=1e-14, err_msg=f"step {t + 1}: {k}")
             np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-12)
@@ -178,7 +170,7 @@ def test_nan_raises_floating_point_error_naming_the_step(digits):
         state, metrics = jitted(state, batch, rng)
         if int(state.step) == 6:  # parameters go bad after step 6: step 7's loss is NaN
             params = jax.tree.map(lambda x: x, state.params)
-            params["head"]["Dense_0"]["bias"] = params["head"]["Dense_0"]["bias"].at[0].set(jnp.nan)
+            params["head"]["dense"]["bias"] = params["head"]["dense"]["bias"].at[0].set(jnp.nan)
             state = state.replace(params=params)
         return state, metrics
 
@@ -245,7 +237,7 @@ def test_small_cnn_reaches_95_percent_on_digits(digits, tmp_path):
 
 
 def test_prefetch_to_device_keeps_order_and_raises_producer_errors():
-    from mergejax.train import prefetch_to_device
+    from mergejax.core.loop import prefetch_to_device
 
     items = [{"x": np.full(3, i, np.float32)} for i in range(7)]
     out = list(prefetch_to_device(iter(items), size=2))

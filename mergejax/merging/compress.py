@@ -3,7 +3,7 @@
 Per unit group keep the units with the largest learned gates (ranked by log_alpha, which
 orders the deterministic gate the same way but also breaks ties among gates clipped at 1),
 fold the deterministic gate values into the input axis of every kernel that consumes the
-group, then slice every leaf axis of the group with :func:`mergejax.units.take_units`
+group, then slice every leaf axis of the group with :func:`mergejax.core.units.take_units`
 (kernels, biases, BatchNorm parameters and running statistics; a residual stream's group
 covers the stem, every block output, the projection shortcuts and the classifier input).
 The compressed network computes exactly what the big student computes with deterministic
@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mergejax.core.trees import path_tuple
+from mergejax.core.units import UnitSpec, check_spec, take_units
 from mergejax.merging.gates import deterministic
-from mergejax.units import UnitSpec, check_spec, take_units
 
 __all__ = ["keep_index", "fold_gates", "compress", "compressed_spec"]
 
@@ -49,9 +50,8 @@ def fold_gates(variables: Any, gates: Mapping[str, jax.Array], spec: UnitSpec) -
             scale[path] = jnp.asarray(z)
 
     def one(path, leaf):
-        key = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        if key in scale:
-            z = scale[key]
+        z = scale.get(path_tuple(path))
+        if z is not None:
             return leaf * z.reshape(z.shape + (1,)).astype(leaf.dtype)
         return leaf
 

@@ -1,6 +1,6 @@
 """Concatenate two teachers into one double-width "big student" (Pašen & Boža 2022, step 2a).
 
-Driven only by the shared unit description (:mod:`mergejax.units`): every axis that belongs
+Driven only by the shared unit description (:mod:`mergejax.core.units`): every axis that belongs
 to a unit group doubles, teacher A's units first (indices ``[0, n)``), teacher B's after
 (``[n, 2n)``). A leaf whose last axis is a unit group (kernels, biases, BatchNorm scale,
 shift, mean and var) holds A's block and B's block; the blocks that connect one teacher's
@@ -18,13 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.units import Path, UnitSpec, check_spec
+from mergejax.core.trees import path_tuple
+from mergejax.core.units import UnitSpec, check_spec
 
 __all__ = ["concat", "concat_spec", "embed"]
-
-
-def _key(path) -> Path:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def concat_spec(spec: UnitSpec) -> UnitSpec:
@@ -44,8 +41,8 @@ def concat(vars_a: Any, vars_b: Any, spec_a: UnitSpec, spec_b: UnitSpec | None =
     """Big-student variables from two teachers of the same architecture.
 
     vars_a, vars_b: ``{'params', 'batch_stats'}`` trees with identical structure and shapes
-    (:func:`mergejax.units.variables_of`). spec_a (and optionally spec_b, which must agree):
-    their :class:`~mergejax.units.UnitSpec`. Returns a tree of the same structure where every
+    (:func:`mergejax.core.units.variables_of`). spec_a (and optionally spec_b, which must agree):
+    their :class:`~mergejax.core.units.UnitSpec`. Returns a tree of the same structure where every
     grouped axis of size n has size 2n: the variables of the same model class at
     ``width=2`` (for the mergejax models, whose width multiplies every hidden group).
     """
@@ -60,7 +57,7 @@ def concat(vars_a: Any, vars_b: Any, spec_a: UnitSpec, spec_b: UnitSpec | None =
         raise ValueError(f"teachers' variable trees differ:\n a: {sa}\n b: {sb}")
 
     def one(path, a, b):
-        key = _key(path)
+        key = path_tuple(path)
         axes = spec_a.axes[key]
         if np.shape(a) != np.shape(b):
             raise ValueError(f"leaf {'/'.join(key)}: teacher a has shape {np.shape(a)}, b has {np.shape(b)}")

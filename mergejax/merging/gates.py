@@ -1,7 +1,7 @@
 """L0 hard-concrete gates (Louizos, Welling & Kingma 2018) on unit groups, and the gated
 forward pass of any mergejax model.
 
-One gate vector per unit group of a :class:`~mergejax.units.UnitSpec` (a residual stream is
+One gate vector per unit group of a :class:`~mergejax.core.units.UnitSpec` (a residual stream is
 one group, so all its blocks share one gate and one sampled mask). A group's gate multiplies
 the *input units of every kernel that consumes the group* (``spec.consumers(g)``): after the
 ReLU (and pooling) and before the next conv/dense, never right before a BatchNorm (which
@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.models import apply_model
-from mergejax.units import UnitSpec
+from mergejax.core.models import apply_model
+from mergejax.core.optim import value_equal
+from mergejax.core.units import UnitSpec
 
 BETA = 2.0 / 3.0
 GAMMA = -0.1
@@ -82,9 +83,10 @@ def lambda_values(lam0: float, c: float, epochs: int) -> np.ndarray:
     return np.asarray(lam[:max(epochs, 0)], np.float32)
 
 
+@value_equal
 def lambda_schedule(lam0: float, c: float, steps_per_epoch: int, epochs: int):
     """optax-style schedule ``step -> lambda`` constant within an epoch (the last epoch's value
-    after the end)."""
+    after the end). Equal arguments give equal schedules (one compiled gate step)."""
     values = jnp.asarray(lambda_values(lam0, c, max(1, epochs)))
 
     def schedule(step):
@@ -128,7 +130,7 @@ def gated_apply(
     frozen: int = 0,
     rng: jax.Array | None = None,
 ) -> tuple[jax.Array, Any]:
-    """:func:`mergejax.models.apply_model` with each group's gate multiplying the input units
+    """:func:`mergejax.core.models.apply_model` with each group's gate multiplying the input units
     of that group's consuming kernels. gates: ``{group: (units,) or (B, units)}`` (a group
     left out is ungated); ``None`` = the plain model. Returns (logits (B, K), batch_stats).
 

@@ -1,17 +1,18 @@
 """Gate learning on the big student (step 2b): one optimizer with two parameter groups.
 
-The train state is an ordinary :class:`mergejax.train.TrainState` whose ``params`` are
+The train state is an ordinary :class:`mergejax.core.train.TrainState` whose ``params`` are
 ``{'model': big-student params, 'gates': {group: log_alpha (units,)}}`` and whose
-``apply_fn`` samples one hard-concrete gate per example per group in training (from the
-step's explicit rng) and uses the deterministic gates in evaluation, so ``fit`` and
-``evaluate`` work unchanged. Loss: L = cross-entropy + lambda(step) * sum_groups L_half. :class:`GateHistory` is the
-``fit`` callback that records the gates' open probabilities (on disk, so a resumed run keeps
-what it recorded before the interruption).
+``apply_fn`` (:class:`GatedApply`) samples one hard-concrete gate per example per group in
+training (from the step's explicit rng) and uses the deterministic gates in evaluation, so
+the core ``train_step``, ``fit`` and ``evaluate`` work unchanged. The loss is
+:class:`GateLoss`: L = cross-entropy + lambda(step) * sum_groups L_half. :class:`GateHistory`
+is the ``fit`` callback that records the gates' open probabilities (on disk, so a resumed
+run keeps what it recorded before the interruption).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -22,14 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mergejax.core.optim import make_optimizer, value_equal
+from mergejax.core.train import TrainState
+from mergejax.core.units import UnitSpec
 from mergejax.merging import gates as G
-from mergejax.train import TrainState, _accuracy, cross_entropy, make_optimizer
-from mergejax.units import UnitSpec
 
-__all__ = ["gate_optimizer", "gated_apply_fn", "create_gate_state", "gate_train_step", "split_params", "jit_gate_step",
+__all__ = ["gate_optimizer", "GatedApply", "gated_apply_fn", "GateLoss", "create_gate_state", "split_params",
            "GateHistory"]
 
 
+@value_equal
 def gate_optimizer(
     weight_lr: float | optax.Schedule = 0.1,
     gate_lr: float | optax.Schedule = 0.2,
@@ -51,12 +54,26 @@ def gate_optimizer(
     )
 
 
-def gated_apply_fn(model: nn.Module, spec: UnitSpec) -> Callable:
+def _spec_key(spec: UnitSpec) -> tuple:
+    return tuple(sorted(spec.groups.items())), tuple(sorted(spec.axes.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedApply:
     """``apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None)`` for
     ``params = {'model', 'gates'}``: per-example sampled gates in training (``rng`` needed,
-    split into gate and dropout keys), deterministic gates in evaluation."""
+    split into gate and dropout keys), deterministic gates in evaluation.
 
-    def apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None):
+    Compares by ``(model, spec)`` and hashes by the spec's contents, so two gate states of
+    equal networks are one static value to ``jax.jit``."""
+
+    model: nn.Module
+    spec: UnitSpec
+
+    def __hash__(self):
+        return hash((self.model, _spec_key(self.spec)))
+
+    def __call__(self, params, batch_stats, x, *, train, frozen=0, rng=None):
         log_alphas = params["gates"]
         if train:
             if rng is None:
@@ -65,9 +82,41 @@ def gated_apply_fn(model: nn.Module, spec: UnitSpec) -> Callable:
             gates = G.sample_gates(gate_rng, log_alphas, x.shape[0])
         else:
             gates = G.deterministic_gates(log_alphas)
-        return G.gated_apply(model, params["model"], batch_stats, x, gates, spec, train=train, frozen=frozen, rng=rng)
+        return G.gated_apply(self.model, params["model"], batch_stats, x, gates, self.spec, train=train, frozen=frozen,
+                             rng=rng)
 
+
+def gated_apply_fn(model: nn.Module, spec: UnitSpec) -> Callable:
+    """:class:`GatedApply` of ``model``; a plain closure if the model is unhashable (a list
+    field, say), which still works but compiles once per closure."""
+    apply_fn = GatedApply(model, spec)
+    try:
+        hash(apply_fn)
+    except TypeError:
+        return lambda *args, **kwargs: GatedApply.__call__(apply_fn, *args, **kwargs)
     return apply_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class GateLoss:
+    """The ``loss_fn`` of :func:`mergejax.core.train.train_step` for gate learning:
+    L = CE + lambda(step) * sum_groups L_half(params['gates']).
+
+    ``lambda_fn``: schedule ``step -> lambda`` (e.g. :func:`gates.lambda_schedule`, which
+    compares by value, so equal schedules share a compile). Returns this shard's share of the
+    loss and the shares of ``ce``, ``l_half``, ``lambda`` and ``prob_open`` (mean P[g > 0]
+    over all gates, before the update); summed over shards they are the batch values."""
+
+    lambda_fn: Callable
+
+    def __call__(self, logits, labels, weights, params, step):
+        share = weights.sum()
+        ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights)
+        lam = jnp.asarray(self.lambda_fn(step), ce.dtype)
+        half = G.total_l_half(params["gates"])
+        p_open = jnp.mean(jnp.concatenate([G.prob_open(a) for a in params["gates"].values()]))
+        metrics = {"ce": ce, "l_half": half * share, "lambda": lam * share, "prob_open": p_open * share}
+        return ce + lam * half * share, metrics
 
 
 def create_gate_state(
@@ -89,45 +138,6 @@ def create_gate_state(
 def split_params(state: TrainState) -> tuple[dict, dict]:
     """``(big_vars {'params', 'batch_stats'}, log_alphas)`` of a gate-learning state."""
     return {"params": state.params["model"], "batch_stats": state.batch_stats}, state.params["gates"]
-
-
-def gate_train_step(state: TrainState, batch: dict, rng: jax.Array, *, lambda_fn: Callable) -> tuple[TrainState, dict]:
-    """One step on L = CE + lambda(step) * sum_groups L_half. Bind ``lambda_fn`` (a schedule
-    ``step -> lambda``, e.g. :func:`gates.lambda_schedule`) with functools.partial and jit.
-    Metrics (scalars): loss, ce, l_half, lambda, accuracy, grad_norm, lr, prob_open (mean)."""
-    aug_rng, model_rng = jax.random.split(rng)
-    images = batch["image"]
-    if state.augment_fn is not None:
-        images = state.augment_fn(aug_rng, images)
-    mask = batch.get("mask")
-    lam = lambda_fn(state.step)
-
-    def loss_fn(params):
-        logits, batch_stats = state.apply_fn(params, state.batch_stats, images, train=True, rng=model_rng)
-        ce = cross_entropy(logits, batch["label"], mask)
-        half = G.total_l_half(params["gates"])
-        return ce + lam * half, (logits, batch_stats, ce, half)
-
-    (loss, (logits, batch_stats, ce, half)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    probs = [G.prob_open(a) for a in params["gates"].values()]
-    metrics = {
-        "loss": loss,
-        "ce": ce,
-        "l_half": half,
-        "lambda": jnp.asarray(lam, jnp.float32),
-        "accuracy": _accuracy(logits, batch["label"], mask),
-        "grad_norm": optax.global_norm(grads),
-        "lr": state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan,
-        "prob_open": jnp.mean(jnp.concatenate(probs)),
-    }
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
-
-
-def jit_gate_step(lambda_fn: Callable) -> Callable:
-    """``jax.jit(partial(gate_train_step, lambda_fn=lambda_fn), donate_argnums=0)``, for ``fit``."""
-    return jax.jit(functools.partial(gate_train_step, lambda_fn=lambda_fn), donate_argnums=0)
 
 
 class GateHistory:

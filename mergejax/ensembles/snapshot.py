@@ -11,6 +11,11 @@ Resumable (a SIGKILL loses at most ``checkpoint_every`` steps; snapshots stay on
 
     state, snaps, records = fit_with_snapshots(state, train, boundaries, workdir, num_steps=T, ...)
     curve = ensemble_curve(state.apply_fn, snaps, test)
+    last = final_snapshot(workdir)  # later, in another process: the run's final model
+
+Each snapshot is written once: the one at the last step is ``fit``'s final checkpoint, and
+snapshots taken in this process are kept in memory, so only those of an earlier (killed)
+process are read back.
 
 ``ensemble_sums`` is the pure per-batch function: one call, ``vmap`` over the stacked
 snapshots, metrics of the ensemble of the last m snapshots for every m at once.
@@ -20,44 +25,35 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax import checkpoint as ckpt_lib
-from mergejax import data as data_lib
-from mergejax.train import TrainState, fit, read_metrics
+from mergejax.core import checkpoint as ckpt_lib
+from mergejax.core import data as data_lib
+from mergejax.core import trees
+from mergejax.core.loop import fit, read_metrics
+from mergejax.core.train import TrainState
 
 Params = Any
 
 
-def stack_trees(trees: Sequence[Params]) -> Params:
-    """Stack pytrees of equal structure and shapes along a new leading axis (leaves (M, ...)).
-    A mismatch names the snapshot and the leaf path."""
-    if not trees:
-        raise ValueError("stack_trees needs at least one tree")
-    ref = jax.tree_util.tree_flatten_with_path(trees[0])
-    for i, tree in enumerate(trees[1:], 1):
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        if treedef != ref[1]:
-            raise ValueError(f"snapshot {i} has tree structure {treedef}, snapshot 0 has {ref[1]}")
-        for (path, a), (_, b) in zip(ref[0], flat):
-            if np.shape(a) != np.shape(b):
-                raise ValueError(f"snapshot {i} has leaf {jax.tree_util.keystr(path)} of shape {np.shape(b)}, snapshot 0 has {np.shape(a)}")
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+def stack_snapshots(snapshots: Sequence[Params]) -> Params:
+    """Stack snapshots of equal structure along a new leading axis (leaves (M, ...)); a
+    mismatch names the snapshot and the leaf path (:func:`mergejax.core.trees.stack`)."""
+    if not snapshots:
+        raise ValueError("need at least one snapshot")
+    return trees.stack(list(snapshots), [f"snapshot {i}" for i in range(len(snapshots))])
 
 
-def unstack_tree(stacked: Params) -> list[Params]:
-    """Inverse of :func:`stack_trees`."""
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
-
-
-# One compiled call copies the whole tree (eager per-leaf jnp.copy costs ~100 ms per snapshot
-# in dispatch on a busy CPU); the copy keeps the snapshot alive when the next step donates.
-_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+def _copy(tree: Params) -> Params:
+    """A device copy (jitted where called: one dispatch for the whole tree, where eager
+    per-leaf copies cost ~100 ms per snapshot on a busy CPU); it keeps a snapshot alive when
+    the next step donates the state's buffers."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 class SnapshotCollector:
@@ -65,9 +61,10 @@ class SnapshotCollector:
     ``boundaries`` (steps taken, from ``schedules.*_boundaries``).
 
     In memory by default (a device copy, so buffer donation in the next step cannot clobber
-    it); with ``directory`` each snapshot is an orbax checkpoint ``directory/step_<n>`` instead
-    and snapshots already on disk are picked up again, so a resumed ``fit`` keeps them.
-    On other steps the callback costs one set lookup.
+    it). With ``directory`` each snapshot is also written once, as an orbax checkpoint
+    ``directory/step_<n>``; snapshots already on disk are picked up (a resumed ``fit`` keeps
+    them) and read back only when asked for, since those taken in this process are still in
+    memory (a host copy). On other steps the callback costs one set lookup.
     """
 
     def __init__(self, boundaries: Sequence[int], directory: str | None = None):
@@ -77,11 +74,9 @@ class SnapshotCollector:
         self._todo = set(self.boundaries)
         self.directory = None if directory is None else os.path.abspath(directory)
         self.steps: list[int] = []
-        self._trees: list[Params] = []  # in memory
+        self._trees: dict[int, Params] = {}  # taken in this process
         if self.directory is not None and os.path.isdir(self.directory):
-            for b in self.boundaries:
-                if os.path.isdir(self._path(b)):
-                    self.steps.append(b)
+            self.steps = [b for b in self.boundaries if os.path.isdir(self._path(b))]
 
     def _path(self, step: int) -> str:
         return _snapshot_path(self.directory, step)
@@ -91,24 +86,23 @@ class SnapshotCollector:
             return
         tree = {"params": state.params, "batch_stats": state.batch_stats}
         if self.directory is None:
-            self._trees.append(_copy_tree(tree))
+            self._trees[step] = jax.jit(_copy)(tree)
         else:
-            ckpt_lib.save(self._path(step), tree, overwrite=True)
+            host = jax.tree.map(np.array, tree)  # a copy (np.asarray may alias a CPU buffer the next step donates)
+            ckpt_lib.save(self._path(step), host, overwrite=True)
+            self._trees[step] = host
         self.steps.append(step)
 
     def snapshots(self, target: Params | None = None) -> list[Params]:
         """``[{'params', 'batch_stats'}, ...]`` in step order (``target`` shapes a disk restore)."""
-        if self.directory is None:
-            return list(self._trees)
-        return [ckpt_lib.load(self._path(s), target) for s in sorted(self.steps)]
+        return [self._trees[s] if s in self._trees else ckpt_lib.load(self._path(s), target) for s in sorted(self.steps)]
 
     def stacked(self, last: int | None = None, target: Params | None = None) -> tuple[Params, Params]:
         """``(params, batch_stats)`` of the last ``last`` (default all) snapshots, leaves (m, ...)."""
         snaps = self.snapshots(target)
         if not snaps:
             raise ValueError(f"no snapshot collected yet (boundaries {self.boundaries})")
-        snaps = snaps[-last:] if last else snaps
-        stacked = stack_trees(snaps)
+        stacked = stack_snapshots(snaps[-last:] if last else snaps)
         return stacked["params"], stacked["batch_stats"]
 
 
@@ -130,23 +124,40 @@ def load_snapshots(directory: str, target: Params | None = None) -> list[Params]
     return [ckpt_lib.load(_snapshot_path(directory, s), target) for s in steps]
 
 
-def fit_with_snapshots(state: TrainState, train_split: data_lib.Split, boundaries: Sequence[int], workdir: str,
-                       **fit_kwargs) -> tuple[TrainState, list[Params], list[dict]]:
+def fit_with_snapshots(state: TrainState, train_split: data_lib.Split, boundaries: Sequence[int], workdir: str, *,
+                       num_steps: int, **fit_kwargs) -> tuple[TrainState, list[Params], list[dict]]:
     """``fit`` in ``workdir/fit`` (checkpointed, resumed after a kill) with a
     :class:`SnapshotCollector` at ``boundaries`` writing to ``workdir/snapshots``.
 
-    Returns ``(final state, snapshots read back from disk in step order, the whole run's
-    metrics records)``: the same whether the run was interrupted and resumed or not, since
-    snapshots taken before a kill are on disk and ``fit`` skips none of the later steps.
-    ``fit_kwargs`` go to ``fit`` (``num_steps``, ``batch_size``, ``seed``, ``manifest``...;
-    extra ``callbacks`` run after the collector).
+    Returns ``(final state, snapshots in step order, the whole run's metrics records)``: the
+    same whether the run was interrupted and resumed or not, since snapshots taken before a
+    kill are on disk and ``fit`` skips none of the later steps. A boundary at ``num_steps``
+    is the final state, stored once as ``fit``'s last checkpoint (:func:`final_snapshot`).
+    ``fit_kwargs`` go to ``fit`` (``batch_size``, ``seed``, ``manifest``...; extra
+    ``callbacks`` run after the collector).
     """
-    collector = SnapshotCollector(boundaries, directory=os.path.join(workdir, "snapshots"))
+    boundaries = sorted(int(b) for b in boundaries if b <= num_steps)
+    collector = SnapshotCollector([b for b in boundaries if b < num_steps], directory=os.path.join(workdir, "snapshots"))
     callbacks = [collector, *fit_kwargs.pop("callbacks", ())]
     fit_dir = os.path.join(workdir, "fit")
-    state, _ = fit(state, train_split, workdir=fit_dir, callbacks=callbacks, **fit_kwargs)
-    snaps = collector.snapshots({"params": state.params, "batch_stats": state.batch_stats})
+    state, _ = fit(state, train_split, num_steps=num_steps, workdir=fit_dir, callbacks=callbacks, **fit_kwargs)
+    final = {"params": state.params, "batch_stats": state.batch_stats}
+    snaps = collector.snapshots(final)
+    if boundaries and boundaries[-1] == num_steps:
+        snaps.append(final)
     return state, snaps, read_metrics(fit_dir)
+
+
+def final_snapshot(workdir: str, target: Params | None = None) -> Params:
+    """``{'params', 'batch_stats'}`` of the newest checkpoint of a :func:`fit_with_snapshots`
+    run in ``workdir`` (its final state once it has finished). ``target`` (a tree of that
+    structure) checks leaf paths and shapes; a mismatch names the leaf."""
+    path = ckpt_lib.resolve(os.path.join(workdir, "fit"))  # the newest intact step
+    tree = ckpt_lib.load(path)
+    snap = {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+    if target is not None and (msg := trees.first_mismatch(target, snap, ("the model", f"checkpoint {path}"))) is not None:
+        raise ValueError(msg)
+    return snap
 
 
 def ensemble_log_probs(log_probs: jax.Array) -> jax.Array:
@@ -204,14 +215,11 @@ def ensemble_sums(apply_fn: Callable, params: Params, batch_stats: Params, batch
     }
 
 
-_jitted_ensemble_sums = jax.jit(ensemble_sums, static_argnums=0, static_argnames="member_map")  # one per process
-
-
 def ensemble_curve(apply_fn: Callable, snapshots: Sequence[Params], split: data_lib.Split, batch_size: int = 500,
                    **kwargs) -> dict:
     """:func:`evaluate_ensemble` of a list of ``{'params', 'batch_stats'}`` snapshots (oldest
     first): metrics of the ensemble of the last m, for m = 1..len(snapshots)."""
-    stacked = stack_trees(list(snapshots))
+    stacked = stack_snapshots(snapshots)
     return evaluate_ensemble(apply_fn, stacked["params"], stacked["batch_stats"], split, batch_size, **kwargs)
 
 
@@ -231,7 +239,8 @@ def evaluate_ensemble(
     ``vote_accuracy`` (hard voting), ``error`` (1 - accuracy), and ``m``. One compiled
     :func:`ensemble_sums` call per batch (``member_map`` as there).
     """
-    sums_fn = sums_fn or _jitted_ensemble_sums
+    # jit here: JAX keys its cache on ensemble_sums, apply_fn (static, value-equal) and shapes
+    sums_fn = sums_fn or jax.jit(ensemble_sums, static_argnums=0, static_argnames="member_map")
     totals = None
     for batch in data_lib.batches(split, min(batch_size, len(split)), seed=0, shuffle=False, remainder="pad", epochs=1):
         sums = sums_fn(apply_fn, params, batch_stats, batch, member_map=member_map)
@@ -245,3 +254,17 @@ def evaluate_ensemble(
         "nll": [float(x) for x in t["nll_sum"] / t["count"]],
         "vote_accuracy": [float(x) for x in t["vote_correct"] / t["count"]],
     }
+
+
+def curve_summary(curves: Sequence[dict]) -> dict:
+    """Mean and sample std (``{'mean', 'std', 'n'}``) over runs (seeds) of :func:`evaluate_ensemble`
+    curves of equal length M: ``error_pct``, ``nll`` and ``vote_error_pct`` of the whole ensemble,
+    ``error_vs_m_pct`` for every m, and ``members`` (M)."""
+    def stats(values):
+        values = [float(v) for v in values]
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+    m = len(curves[0]["m"])
+    return {"error_pct": stats(100 * c["error"][-1] for c in curves), "nll": stats(c["nll"][-1] for c in curves),
+            "vote_error_pct": stats(100 * (1 - c["vote_accuracy"][-1]) for c in curves), "members": m,
+            "error_vs_m_pct": [stats(100 * c["error"][i] for c in curves) for i in range(m)]}

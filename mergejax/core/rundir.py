@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any, Callable, Mapping
 
-from mergejax.errors import ConfigMismatch, LockedError, UserError
+from mergejax.core.errors import ConfigMismatch, LockedError, UserError
 
 MANIFEST = "manifest.json"
 RESULT = "result.json"

@@ -5,16 +5,16 @@
     mergejax average A B --align A --model cnn --out aligned/          # weight matching first
     mergejax average A B --recompute-bn digits --model cnn --out avg/  # SWA-style BN pass
 
-A CKPT is anything :func:`mergejax.checkpoint.resolve` accepts: a ``fit`` work directory (its
+A CKPT is anything :func:`mergejax.core.checkpoint.resolve` accepts: a ``fit`` work directory (its
 newest intact ``checkpoints/<step>``), a ``checkpoints`` directory, one step directory, a
-:func:`mergejax.checkpoint.save` path, or the output of this command. Every input is verified
+:func:`mergejax.core.checkpoint.save` path, or the output of this command. Every input is verified
 against its ``checksums.json``. Only ``params`` and ``batch_stats`` are read (``opt_state`` is
 skipped on disk). Memory: the running mean plus one checkpoint (plus the reference with
 ``--align``), whatever the number of inputs. Every input is read in the first input's dtypes
 (structure and shapes must match; errors name the leaf and both shapes).
 
 Output ``DIR``: ``DIR/checkpoint`` (``{'params', 'batch_stats'}``, readable with
-``mergejax.checkpoint.load``), ``DIR/average.json`` and ``DIR/manifest.json`` (what was
+``mergejax.core.checkpoint.load``), ``DIR/average.json`` and ``DIR/manifest.json`` (what was
 averaged, for refusing a different request into the same ``DIR``); built in a temporary
 sibling and renamed into place, so ``DIR`` is either absent or complete. Inputs are only read;
 an ``--out`` inside (or containing) an input is refused.
@@ -34,9 +34,10 @@ from typing import Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from mergejax import averaging, rundir
-from mergejax import checkpoint as ckpt_lib
-from mergejax.errors import ConfigMismatch
+from mergejax.averaging import weights as averaging
+from mergejax.core import rundir
+from mergejax.core import checkpoint as ckpt_lib
+from mergejax.core.errors import ConfigMismatch
 
 KEYS = ("params", "batch_stats")
 
@@ -45,7 +46,7 @@ def load_variables(path: str, keys: Sequence[str] = KEYS, *, target: dict | None
                    other: str = "the target") -> dict:
     """``{'params', 'batch_stats'}`` of the checkpoint at ``path`` (other entries not read).
 
-    The checkpoint's files are verified first (:func:`mergejax.checkpoint.verify`). ``target``
+    The checkpoint's files are verified first (:func:`mergejax.core.checkpoint.verify`). ``target``
     (a tree of ``jax.ShapeDtypeStruct``, e.g. from :func:`abstract`) skips orbax's metadata
     read, which costs ~1.6 MB of memory that is never returned (orbax 0.12.8) — so a stream
     over N checkpoints reads it once. Structure and shapes are still checked against the
@@ -88,12 +89,15 @@ def abstract(tree: dict) -> dict:
 
 
 def _model_for(name: str, variables: dict, model_kw: dict | None):
-    from mergejax.models import make_model
+    from mergejax.core.models import make_model
 
-    head = variables["params"].get("head", {}).get("Dense_0", {})
-    if "bias" not in head:
-        raise ValueError("cannot infer the number of classes: no params/head/Dense_0/bias in the checkpoint")
-    return make_model(name, int(head["bias"].shape[0]), **(model_kw or {}))
+    # The classifier is the one kernel under the ``head`` layer (every model names its last layer
+    # "head"); its output axis is the number of classes, whatever Linen named the Dense inside.
+    kernels = [x for p, x in jax.tree_util.tree_flatten_with_path(variables["params"].get("head", {}))[0]
+               if getattr(p[-1], "key", None) == "kernel"]
+    if len(kernels) != 1:
+        raise ValueError(f"cannot infer the number of classes: expected one kernel under params/head, found {len(kernels)}")
+    return make_model(name, int(kernels[0].shape[-1]), **(model_kw or {}))
 
 
 def _read_json(path: str) -> dict | None:
@@ -111,7 +115,7 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
 
     ``out`` gets a ``manifest.json`` (kind ``average``, these arguments, fingerprints of the
     inputs): the same request again returns the stored summary; a different one is refused
-    (:class:`~mergejax.errors.ConfigMismatch`) unless ``overwrite``. An ``out`` that is,
+    (:class:`~mergejax.core.errors.ConfigMismatch`) unless ``overwrite``. An ``out`` that is,
     is inside or contains an input is refused.
     """
     t0 = time.perf_counter()
@@ -144,7 +148,7 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
             return done
     ref = spec = net = None
     if align:
-        from mergejax.units import unit_spec, variables_of
+        from mergejax.core.units import unit_spec, variables_of
 
         ref = load_variables(align)
         net = _model_for(model, ref, model_kw)
@@ -157,8 +161,8 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
             v = load_variables(p, target=target, ckptr=ckptr, other=paths[0])
             target = target or abstract(v)
             if ref is not None:
-                from mergejax.rebasin import weight_matching
-                from mergejax.units import take_units
+                from mergejax.averaging.rebasin import weight_matching
+                from mergejax.core.units import take_units
 
                 _same(ref, v, ("the reference", f"checkpoint {p}"))
                 v = take_units(v, spec, weight_matching(spec, ref, v))
@@ -173,9 +177,9 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
         ckptr.close()
     result = state.mean
     if recompute_bn:
-        from mergejax import data as data_lib
-        from mergejax.swa import recompute_batch_stats
-        from mergejax.train import model_apply_fn
+        from mergejax.core import data as data_lib
+        from mergejax.ensembles.swa import recompute_batch_stats
+        from mergejax.core.train import model_apply_fn
 
         net = net or _model_for(model, result, model_kw)
         split = data_lib.load(recompute_bn, "train")

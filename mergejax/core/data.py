@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.errors import UserError
+from mergejax.core.errors import UserError
 
 # Per-channel mean / std of the *training* split, pixel values in [0, 1].
 # CIFAR numbers: the values used by the He et al. / Zagoruyko reference code.
@@ -79,7 +79,7 @@ def load(name: str, split: str, *, data_dir: str | None = None, download: bool =
     through ``tfds.data_source`` (no TensorFlow needed to read) and cached as ``.npz``
     under ``data_dir/npz`` after the first load. A TFDS dataset that is not prepared under
     ``data_dir/tfds`` is downloaded and converted (``download=True``; needs network and
-    TensorFlow, see ``mergejax prepare``); when it cannot be, :class:`~mergejax.errors.UserError`
+    TensorFlow, see ``mergejax prepare``); when it cannot be, :class:`~mergejax.core.errors.UserError`
     with a one-line message saying how to prepare it.
     """
     _check_name(name)

@@ -1,6 +1,6 @@
 """Permutation alignment by weight matching (Git Re-Basin, Ainsworth et al. 2022, Alg. 1).
 
-Driven by the shared unit description :mod:`mergejax.units`: for each unit group ``g`` the
+Driven by the shared unit description :mod:`mergejax.core.units`: for each unit group ``g`` the
 cost matrix is ``C[i, j] = sum over every params leaf axis indexed by g of <A_i, B'_j>``,
 where ``B'`` is ``b`` with every other group's current permutation applied and ``A_i`` the
 slice of unit ``i``. ``scipy.optimize.linear_sum_assignment`` maximises it; groups are
@@ -19,9 +19,9 @@ import jax
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from mergejax.units import UnitSpec, _flat, identity_index, take_units
-
-Path = tuple[str, ...]
+from mergejax.core import trees
+from mergejax.core.trees import Path
+from mergejax.core.units import UnitSpec, identity_index, take_units
 
 
 def _permuted(leaf: np.ndarray, axes, perm: Mapping[str, np.ndarray], skip: str | None) -> np.ndarray:
@@ -56,8 +56,7 @@ def weight_matching(spec: UnitSpec, va: Any, vb: Any, *, max_iter: int = 100, rn
     ``va``, ``vb``: variables ``{'params', 'batch_stats'}`` as in :func:`units.variables_of`.
     """
     rng = np.random.default_rng(0) if rng is None else rng
-    fa = {p: np.asarray(x) for p, x in _flat(jax.device_get(va)).items()}
-    fb = {p: np.asarray(x) for p, x in _flat(jax.device_get(vb)).items()}
+    fa, fb = ({k: np.asarray(x) for k, x in trees.flatten_paths(jax.device_get(v)).items()} for v in (va, vb))
     for p in fa:
         if p not in fb or fa[p].shape != fb[p].shape:
             raise ValueError(f"cannot match: leaf {'/'.join(p)} has shape {fa[p].shape} in a, "

@@ -8,7 +8,7 @@ converts them to ArrayRecord files under ``DIR/tfds/NAME/VERSION`` (this needs n
 the original files already in ``DIR/tfds/downloads/manual``, and TensorFlow:
 ``pip install 'mergejax[prepare]'``); then every split is written to mergejax's uint8 cache
 ``DIR/npz/NAME-SPLIT.npz``, one line per split saying where. What is already there is reused.
-Afterwards ``mergejax.data.load`` and ``mergejax train`` need neither network nor TensorFlow:
+Afterwards ``mergejax.core.data.load`` and ``mergejax train`` need neither network nor TensorFlow:
 copy ``DIR`` to an offline machine and point ``MERGEJAX_DATA`` at it.
 """
 
@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Sequence
 
-from mergejax import data
-from mergejax.errors import UserError
+from mergejax.core import data
+from mergejax.core.errors import UserError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,13 +1,118 @@
-"""Learning-rate schedules as optax schedules: ``count (optimizer steps taken) -> lr``."""
+"""Optimizers and learning-rate schedules, as optax objects that compare by value.
+
+Schedules map ``count`` (optimizer steps taken) to a learning rate. Every factory here is
+decorated with :func:`value_equal`: two calls with equal arguments return objects that are
+``==`` and hash alike, so a ``TrainState`` built from an equal config is the same static
+value to ``jax.jit`` and reuses the compiled step (across seeds, runs and re-created
+optimizers) without anyone keeping Python objects alive.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 import optax
 
 
+def value_equal(factory: Callable) -> Callable:
+    """Decorate a pure factory of an optax schedule or ``GradientTransformation`` so that its
+    results compare (``==``/``hash``) by ``(factory, arguments)`` instead of by identity.
+
+    Arguments are frozen (lists -> tuples, dicts -> sorted items); if one is unhashable (an
+    array, say) the plain result is returned, which is still correct, only not shared.
+    """
+
+    @functools.wraps(factory)
+    def make(*args, **kwargs):
+        out = factory(*args, **kwargs)
+        try:
+            key = (factory.__module__, factory.__qualname__, _freeze(args), _freeze(kwargs))
+            hash(key)
+        except TypeError:
+            return out
+        if isinstance(out, optax.GradientTransformation):
+            update = out.update if isinstance(out, optax.GradientTransformationExtraArgs) else (
+                optax.with_extra_args_support(out).update)
+            return _ValueEqualTransform(out.init, update, key)
+        if callable(out):
+            return _ValueEqualSchedule(out, key)
+        return out
+
+    return make
+
+
+def _freeze(x: Any) -> Any:
+    if type(x) is dict:
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if type(x) in (list, tuple):  # not tuple subclasses: a value-equal transform is its own key
+        return tuple(_freeze(v) for v in x)
+    if hasattr(x, "dtype") and getattr(x, "shape", None) == ():  # numpy/jax scalar
+        return x.item() if hasattr(x, "item") else x
+    return x
+
+
+class _ValueEqualTransform(optax.GradientTransformationExtraArgs):
+    """An optax transform (a named tuple ``(init, update)``) that compares by its recipe."""
+
+    def __new__(cls, init, update, key):
+        self = super().__new__(cls, init, update)
+        self._key = key  # noqa: SLF001 (tuple subclass instances carry a __dict__)
+        return self
+
+    def __eq__(self, other):
+        return isinstance(other, _ValueEqualTransform) and self._key == other._key
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __repr__(self):
+        return f"<optax transform {self._key[1]}{self._key[2:]}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ValueEqualSchedule:
+    """An optax schedule that compares by its recipe."""
+
+    fn: Callable = dataclasses.field(compare=False, repr=False)
+    key: tuple
+
+    def __call__(self, count):
+        return self.fn(count)
+
+
+@value_equal
+def make_optimizer(
+    name: str,
+    lr: float | optax.Schedule,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+) -> optax.GradientTransformation:
+    """SGD (coupled L2 like PyTorch's ``weight_decay``, then momentum), Adam (coupled L2) or
+    AdamW (decoupled), with optional global-norm clipping first."""
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    if name == "sgd":
+        parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+        parts += [optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)]
+    elif name == "adam":
+        parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+        parts += [optax.adam(lr)]
+    elif name == "adamw":
+        parts += [optax.adamw(lr, weight_decay=weight_decay)]
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; available: sgd, adam, adamw")
+    return optax.chain(*parts)
+
+
+@value_equal
 def step_decay(lr: float, total_steps: int, boundaries: Sequence[float] = (0.5, 0.75), factor: float = 0.1) -> optax.Schedule:
     """``lr`` multiplied by ``factor`` at each boundary (fractions of ``total_steps``).
 
@@ -19,6 +124,7 @@ def step_decay(lr: float, total_steps: int, boundaries: Sequence[float] = (0.5, 
     return optax.piecewise_constant_schedule(lr, {int(round(b * total_steps)): factor for b in boundaries})
 
 
+@value_equal
 def make_schedule(
     name: str,
     lr: float,
@@ -88,6 +194,7 @@ def _piecewise_cosine(peak: float, starts: Sequence[int], end_value: float = 0.0
     return schedule
 
 
+@value_equal
 def snapshot_cosine(alpha0: float, total_steps: int, num_cycles: int) -> optax.Schedule:
     """Cyclic cosine annealing of Huang et al. 2017, Eq. 2, per iteration:
 
@@ -123,6 +230,7 @@ def sgdr_boundaries(first_period: int, total_steps: int, t_mult: float = 1.0) ->
     return tuple(s for s in sgdr_starts(first_period, total_steps, t_mult)[1:] if s <= total_steps)
 
 
+@value_equal
 def sgdr(eta_max: float, first_period: int, total_steps: int, t_mult: float = 1.0, eta_min: float = 0.0) -> optax.Schedule:
     """SGDR (Loshchilov & Hutter 2017) per step:
     ``eta_min + (eta_max - eta_min) / 2 * (1 + cos(pi * T_cur / T_i))``, ``T_{i+1} = T_mult * T_i``.
@@ -132,6 +240,7 @@ def sgdr(eta_max: float, first_period: int, total_steps: int, t_mult: float = 1.
     return lambda count: cosine(jnp.minimum(jnp.asarray(count, jnp.int32), starts[-1] - 1))
 
 
+@value_equal
 def fge_triangle(alpha1: float, alpha2: float, cycle_steps: int, start_step: int = 0) -> optax.Schedule:
     """Fast Geometric Ensembling's cyclic LR (Garipov et al. 2018): for ``count >= start_step``,
     ``t = ((count - start_step) mod c) / c`` and
@@ -163,6 +272,7 @@ def fge_boundaries(start_step: int, cycle_steps: int, total_steps: int) -> tuple
     return tuple(range(start_step + cycle_steps // 2 + 1, total_steps + 1, cycle_steps))
 
 
+@value_equal
 def swa_schedule(lr: float, swa_lr: float, swa_start: int) -> optax.Schedule:
     """The SWA learning rate of Izmailov et al. 2018 (their ``train.py``), per step with
     ``t = count / swa_start``: ``lr`` for t <= 0.5, linear to ``swa_lr`` at t = 0.9, then

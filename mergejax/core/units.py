@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.models import MLP, VGG, ResNet, SmallCNN, WideResNet
+from mergejax.core import trees
 
-Path = tuple[str, ...]
+Path = trees.Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,17 +49,10 @@ def variables_of(params: Any, batch_stats: Any) -> dict:
     return {"params": params, "batch_stats": batch_stats}
 
 
-def _flat(tree: Any) -> dict[Path, Any]:
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat[tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = leaf
-    return flat
-
-
 def check_spec(spec: UnitSpec, variables: Any) -> None:
     """Raise ``ValueError`` naming the first leaf the spec misses, gets the rank of, or
     whose size disagrees with its group."""
-    flat = _flat(variables)
+    flat = trees.flatten_paths(variables)
     for path, leaf in flat.items():
         if path not in spec.axes:
             raise ValueError(f"unit spec has no entry for leaf {'/'.join(path)} of shape {np.shape(leaf)}")
@@ -84,8 +77,7 @@ def take_units(variables: Any, spec: UnitSpec, index: Mapping[str, Any]) -> Any:
     """
 
     def one(path, leaf):
-        key = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        for a, g in enumerate(spec.axes[key]):
+        for a, g in enumerate(spec.axes[trees.path_tuple(path)]):
             if g is not None and g in index:
                 leaf = jnp.take(leaf, jnp.asarray(index[g]), axis=a)
         return leaf
@@ -102,7 +94,7 @@ def identity_index(spec: UnitSpec) -> dict[str, np.ndarray]:
 
 class _Builder:
     def __init__(self, variables):
-        self.shapes = {p: np.shape(v) for p, v in _flat(variables).items()}
+        self.shapes = {p: np.shape(v) for p, v in trees.flatten_paths(variables).items()}
         self.groups: dict[str, int] = {}
         self.axes: dict[Path, tuple] = {}
 
@@ -133,52 +125,20 @@ class _Builder:
 
 
 def unit_spec(model: nn.Module, variables: Any) -> UnitSpec:
-    """The :class:`UnitSpec` of ``model`` (any mergejax model) for ``variables``
-    (``{'params', 'batch_stats'}`` as from :func:`variables_of`)."""
+    """The :class:`UnitSpec` of ``model`` for ``variables`` (``{'params', 'batch_stats'}``
+    as from :func:`variables_of`), read from the model's own table ``model.unit_table()``:
+    rows ``('dense' | 'conv', layer path, input group, output group)`` for a kernel (and its
+    bias) and ``('norm', layer path, group, group)`` for a BatchNorm. A new architecture is a
+    new table next to its model, not new code here."""
+    if not hasattr(model, "unit_table"):
+        raise TypeError(f"{type(model).__name__} has no unit_table(); every model that is aligned, merged, gated or "
+                        "compressed describes its units there")
     b = _Builder(variables)
-    if isinstance(model, MLP):
-        prev = None
-        for i in range(len(model.hidden)):
-            b.kernel((f"dense{i}", "Dense_0"), prev, f"dense{i}")
-            prev = f"dense{i}"
-        b.kernel(("head", "Dense_0"), prev, None)
-    elif isinstance(model, (SmallCNN, VGG)):
-        prev = None
-        for name in model.layer_names()[:-1]:
-            b.kernel((name, "conv"), prev, name)
-            b.norm((name, "bn"), name)
-            prev = name
-        b.kernel(("head", "Dense_0"), prev, None)
-    elif isinstance(model, (ResNet, WideResNet)):
-        pre_act = isinstance(model, WideResNet)
-        blocks = model.layer_names()[1:-1]
-        # The stem's output is the first stage's residual stream unless block 0 projects it.
-        stream = "stem" if ("params", blocks[0], "proj_conv", "kernel") in b.shapes else "stage1"
-        b.kernel(("stem", "conv"), None, stream)
-        if not pre_act:
-            b.norm(("stem", "bn"), stream)
-        for name in blocks:
-            projects = ("params", name, "proj_conv", "kernel") in b.shapes
-            out = name.split("_")[0] if projects else stream  # identity shortcut ties out to in
-            hidden = f"{name}/hidden"
-            if pre_act:
-                b.norm((name, "bn1"), stream)
-                b.norm((name, "bn2"), hidden)
-            else:
-                b.norm((name, "bn1"), hidden)
-                b.norm((name, "bn2"), out)
-            b.kernel((name, "conv1"), stream, hidden)
-            b.kernel((name, "conv2"), hidden, out)
-            if projects:
-                b.kernel((name, "proj_conv"), stream, out)
-                if not pre_act:
-                    b.norm((name, "proj_bn"), out)
-            stream = out
-        if pre_act:
-            b.norm(("head", "BatchNorm_0"), stream)
-        b.kernel(("head", "Dense_0"), stream, None)
-    else:
-        raise TypeError(f"no unit spec for {type(model).__name__}; supported: MLP, SmallCNN, ResNet, WideResNet, VGG")
+    for kind, path, group_in, group_out in model.unit_table():
+        if kind == "norm":
+            b.norm(tuple(path), group_out)
+        else:
+            b.kernel(tuple(path), group_in, group_out)
     return b.spec(variables)
 
 

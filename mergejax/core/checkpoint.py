@@ -4,7 +4,7 @@
   ``checksums.json``: size and sha256 of every file orbax wrote, and per leaf its path,
   shape, dtype and the sha256 of its bytes. NaN/Inf leaves are refused.
 * :func:`verify` re-hashes the files; :func:`load` verifies, restores and re-checks the
-  leaves. Damage is a :class:`~mergejax.errors.CorruptCheckpoint` naming the file.
+  leaves. Damage is a :class:`~mergejax.core.errors.CorruptCheckpoint` naming the file.
 * :class:`Manager` keeps step directories ``DIR/<step>``; a corrupt newest step is moved
   aside (``<step>.corrupt-<id>``, never deleted) and the previous one restored.
 * :func:`resolve` turns what a user names (run, ``checkpoints/``, step, :func:`save` path,
@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mergejax.errors import CorruptCheckpoint, UserError
-from mergejax.rundir import write_json
+from mergejax.core import trees
+from mergejax.core.errors import CorruptCheckpoint, UserError
+from mergejax.core.rundir import write_json
 
 CHECKSUMS = "checksums.json"
 _TEMP = re.compile(r"^\d+\.(tmp|old)-[0-9a-f]{8}")  # a Manager step's leftovers from a killed save
@@ -114,16 +115,7 @@ def _sha256_array(x: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8))).hexdigest()
 
 
-def _key(k: Any) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _norm(path: tuple) -> tuple[str, ...]:
-    """A key path as plain strings, as orbax stores it (dict key, index or field name)."""
-    return tuple(_key(k) for k in path)
+_norm = trees.path_tuple  # a key path as plain strings, as orbax stores it (dict key, index or field name)
 
 
 def _keystr(keys: Iterable[str]) -> str:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from mergejax.models.core import Head, batch_norm, conv_init, run_layers, scaled
+from mergejax.core.models.core import Head, batch_norm, conv_init, run_layers, scaled
 
 
 class DenseReLU(nn.Module):
@@ -14,7 +14,7 @@ class DenseReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        return nn.relu(nn.Dense(self.features)(x))
+        return nn.relu(nn.Dense(self.features, name="dense")(x))
 
 
 class MLP(nn.Module):
@@ -30,6 +30,13 @@ class MLP(nn.Module):
 
     def layer_names(self) -> tuple[str, ...]:
         return tuple(f"dense{i}" for i in range(len(self.hidden))) + ("head",)
+
+    def unit_table(self) -> tuple:
+        """Rows ``(kind, layer path, input group, output group)`` (see :mod:`mergejax.core.units`):
+        each hidden layer is its own group of units; classes are no group."""
+        names = self.layer_names()[:-1]
+        rows = [("dense", (n, "dense"), prev, n) for prev, n in zip((None, *names), names)]
+        return (*rows, ("dense", ("head", "dense"), names[-1] if names else None, None))
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
@@ -58,7 +65,7 @@ class SmallCNN(nn.Module):
     conv2 (128), head (global average pool + Dense). Input (B, H, W, C).
 
     ``bn_axis_name``: synchronised BatchNorm over that named axis (e.g. the ``data`` mesh
-    axis of :func:`mergejax.parallel.make_dp_step`); ``None``: per-device batch statistics."""
+    axis of :func:`mergejax.averaging.parallel.make_dp_step`); ``None``: per-device batch statistics."""
 
     num_classes: int
     channels: Sequence[int] = (32, 64, 128)
@@ -68,6 +75,10 @@ class SmallCNN(nn.Module):
     def layer_names(self) -> tuple[str, ...]:
         return tuple(f"conv{i}" for i in range(len(self.channels))) + ("head",)
 
+    def unit_table(self) -> tuple:
+        """See :func:`conv_stack_table`."""
+        return conv_stack_table(self.layer_names()[:-1])
+
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
         ax = self.bn_axis_name
@@ -75,3 +86,12 @@ class SmallCNN(nn.Module):
             ConvBNReLU(scaled(c, self.width), pool=(i == 1), bn_axis_name=ax, name=f"conv{i}") for i, c in enumerate(self.channels)
         ]
         return run_layers(layers + [Head(self.num_classes, bn_axis_name=self.bn_axis_name, name="head")], x, train, frozen)
+
+
+def conv_stack_table(names) -> tuple:
+    """Unit table of a plain stack of :class:`ConvBNReLU` layers ``names`` and a Dense head:
+    each layer's conv output, its BatchNorm and the next layer's conv input are one group."""
+    rows = []
+    for prev, n in zip((None, *names), names):
+        rows += [("conv", (n, "conv"), prev, n), ("norm", (n, "bn"), n, n)]
+    return (*rows, ("dense", ("head", "dense"), names[-1] if names else None, None))

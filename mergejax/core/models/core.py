@@ -56,10 +56,10 @@ class Head(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.pre_norm:
-            x = nn.relu(batch_norm(train, axis_name=self.bn_axis_name)(x))
+            x = nn.relu(batch_norm(train, name="bn", axis_name=self.bn_axis_name)(x))
         if x.ndim == 4:
             x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes)(x)
+        return nn.Dense(self.num_classes, name="dense")(x)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> tuple[Params, Params]:
@@ -72,20 +72,15 @@ def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int])
     """
     x = jnp.zeros(tuple(input_shape), jnp.float32)
     try:
-        init = _jitted_init(model)
-    except TypeError:  # unhashable module field
-        init = functools.partial(_init, model)
-    variables = init(rng, x)
+        hash(model)
+        variables = jax.jit(_init, static_argnums=0)(model, rng, x)  # compiled once per model config
+    except TypeError:  # unhashable module field: initialise without jit
+        variables = _init(model, rng, x)
     return variables["params"], variables.get("batch_stats", {})
 
 
 def _init(model: nn.Module, rng: jax.Array, x: jax.Array) -> dict:
     return model.init(rng, x, train=False)
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted_init(model: nn.Module) -> Callable:
-    return jax.jit(functools.partial(_init, model))
 
 
 def apply_model(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from mergejax.models.core import Head, run_layers, scaled
-from mergejax.models.mlp import ConvBNReLU
+from mergejax.core.models.core import Head, run_layers, scaled
+from mergejax.core.models.mlp import ConvBNReLU, conv_stack_table
 
 # Channels per conv; "M" = 2x2 max-pool after the previous conv.
 CONFIGS = {
@@ -36,6 +36,10 @@ class VGG(nn.Module):
 
     def layer_names(self) -> tuple[str, ...]:
         return tuple(f"conv{i}" for i in range(len(self._plan()))) + ("head",)
+
+    def unit_table(self) -> tuple:
+        """See :func:`~mergejax.core.models.mlp.conv_stack_table`."""
+        return conv_stack_table(self.layer_names()[:-1])
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):

@@ -1,7 +1,7 @@
 """Local SGD across real processes (``jax.distributed``, one worker per process) and the
 single-process run it must reproduce.
 
-    python -m mergejax.distributed OUT.npz PORT PROCESS_ID [NUM_PROCESSES]   # one process of N
+    python -m mergejax.averaging.distributed OUT.npz PORT PROCESS_ID [NUM_PROCESSES]   # one process of N
 
 :func:`problem` is a small fixed task (an MLP, a few rounds of random batches);
 :func:`worker` runs it as one of ``N`` processes over a ``shard_map`` mesh of one CPU device
@@ -22,9 +22,9 @@ import jax
 import numpy as np
 import optax
 
-from mergejax import local_sgd
-from mergejax.models import make_model
-from mergejax.train import TrainState, create_state
+from mergejax.averaging import local_sgd
+from mergejax.core.models import make_model
+from mergejax.core.train import TrainState, create_state
 
 LOCAL_STEPS = 3
 ROUNDS = 3
@@ -68,7 +68,7 @@ def worker(out: str, port: int, process_id: int, num_processes: int = 2, seed: i
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from mergejax import parallel
+    from mergejax.averaging import parallel
 
     if jax.device_count() != num_processes or jax.local_device_count() != 1:
         raise RuntimeError(f"expected one device per process: {jax.local_device_count()} local, {jax.device_count()} in all")
@@ -106,7 +106,7 @@ def launch(out_dir: str, *, num_processes: int = 2, seed: int = 0, timeout: floa
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
     env["JAX_PLATFORMS"] = "cpu"
     outs = [os.path.join(out_dir, f"proc{i}.npz") for i in range(num_processes)]
-    procs = [subprocess.Popen([sys.executable, "-m", "mergejax.distributed", outs[i], str(port), str(i), str(num_processes),
+    procs = [subprocess.Popen([sys.executable, "-m", "mergejax.averaging.distributed", outs[i], str(port), str(i), str(num_processes),
                                str(seed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(num_processes)]
     errs = []

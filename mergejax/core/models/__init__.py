@@ -6,10 +6,10 @@ import functools
 
 import flax.linen as nn
 
-from mergejax.models.core import apply_model, count_params, init_variables, run_layers, scaled
-from mergejax.models.mlp import MLP, SmallCNN
-from mergejax.models.resnet import ResNet, WideResNet
-from mergejax.models.vgg import VGG
+from mergejax.core.models.core import apply_model, count_params, init_variables, run_layers, scaled
+from mergejax.core.models.mlp import MLP, SmallCNN
+from mergejax.core.models.resnet import ResNet, WideResNet
+from mergejax.core.models.vgg import VGG
 
 MODELS = {
     "mlp": MLP,

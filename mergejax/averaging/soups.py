@@ -7,14 +7,14 @@
 Ingredients are variable trees ``{'params', 'batch_stats'}`` (or any pytree), or zero-argument
 callables returning one (e.g. a checkpoint loader) so at most two models are in memory.
 BatchNorm statistics are averaged with the weights; re-estimate them for the final soup with
-:func:`mergejax.swa.recompute_batch_stats` (SWA-style pass over training data).
+:func:`mergejax.ensembles.swa.recompute_batch_stats` (SWA-style pass over training data).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from mergejax import averaging
+from mergejax.averaging import weights as averaging
 
 Tree = Any
 

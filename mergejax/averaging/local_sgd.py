@@ -17,8 +17,10 @@ nesterov=True)`` with AdamW inside. The optimizer-state ``policy`` at each sync 
 With K = 1, plain SGD, one shared start and equal shards, a round equals one step of
 synchronous gradient averaging (``theta - lr * mean_i g_i = mean_i(theta - lr g_i)``); it
 stops being equal for K > 1, Adam, per-worker clipping or different starting points.
-:func:`train_rounds` runs local SGD on the batch stream ``train.fit`` would see (sharded by
-:func:`shard_steps`) and :func:`divergence` measures its distance to ``fit``'s run.
+The local step is the library's one step, :func:`mergejax.core.train.train_step` (per worker,
+no axis: workers only meet at the sync). :func:`train_rounds` runs local SGD on the batch
+stream ``fit`` would see (sharded by :func:`shard_steps`) and :func:`divergence` measures
+its distance to ``fit``'s run.
 """
 
 from __future__ import annotations
@@ -35,15 +37,22 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from mergejax import data as data_lib
-from mergejax.train import TrainState, evaluate, step_rng, train_step
+from mergejax.core import data as data_lib
+from mergejax.core import trees
+from mergejax.core.loop import evaluate
+from mergejax.core.optim import value_equal
+from mergejax.core.train import TrainState, train_step
 
 Params = Any
 AXIS = "data"
 POLICIES = ("keep", "reset", "average")
-# The default outer optimizer (plain averaging). One object, so a jitted round is reused
-# across every state made by ``init`` (``outer_tx`` is a static field of the state).
-FEDAVG = optax.sgd(1.0)
+
+
+@value_equal
+def fedavg() -> optax.GradientTransformation:
+    """The default outer optimizer, ``sgd(1.0)``: the new global weights are the workers' mean.
+    Value-equal, so every state made by :func:`init` shares one compiled round."""
+    return optax.sgd(1.0)
 
 
 @flax.struct.dataclass
@@ -59,27 +68,18 @@ class LocalSGDState:
     outer_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-def stack(trees) -> Any:
-    """List of identically structured trees -> one tree with a leading axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def unstack(tree, i: int) -> Any:
-    return jax.tree.map(lambda x: x[i], tree)
-
-
 def init(worker: TrainState | list[TrainState], num_workers: int, outer_tx: optax.GradientTransformation | None = None) -> LocalSGDState:
     """Start ``num_workers`` workers from ``worker`` (one state, copied) or from a list of
     states (e.g. different initialisations; the global weights are then their mean)."""
-    outer_tx = FEDAVG if outer_tx is None else outer_tx
+    outer_tx = fedavg() if outer_tx is None else outer_tx
     if isinstance(worker, (list, tuple)):
         if len(worker) != num_workers:
             raise ValueError(f"got {len(worker)} worker states for {num_workers} workers")
-        arrays = stack([w.arrays() for w in worker])  # static fields (apply_fn, tx) from the first
+        arrays = trees.stack([w.arrays() for w in worker])  # static fields (apply_fn, tx) from the first
         workers = worker[0].replace_arrays(arrays)
         params = jax.tree.map(lambda x: x.mean(0).astype(x.dtype), workers.params)
     else:
-        workers = stack([worker] * num_workers)
+        workers = trees.stack([worker] * num_workers)
         params = worker.params
     return LocalSGDState(params, outer_tx.init(params), workers, jnp.zeros((), jnp.int32), outer_tx)
 
@@ -119,44 +119,47 @@ def worker_round(params, outer_opt_state, worker: TrainState, batches: dict, rng
     return params, outer_opt_state, worker, metrics
 
 
+def local_round(state: LocalSGDState, batches: dict, rng: jax.Array, *, num_workers: int, mesh: Mesh | None = None,
+                policy: str = "keep", axis: str = AXIS, step_fn: Callable = train_step) -> tuple[LocalSGDState, dict]:
+    """One round of every worker: ``(state, metrics)``. ``batches``: ``(W, K, b, ...)`` per
+    entry. With ``mesh`` (axis size ``W``) each worker runs on its own device via
+    ``shard_map``; without, the ``W`` workers are simulated with ``vmap`` on one device.
+    jit with ``static_argnames=ROUND_STATIC`` (or use :func:`make_round`)."""
+    fn = functools.partial(worker_round, outer_tx=state.outer_tx, policy=policy, axis=axis, step_fn=step_fn)
+    if mesh is None:
+        out = jax.vmap(fn, in_axes=(None, None, 0, 0, None), out_axes=(0, 0, 0, 0), axis_name=axis)(
+            state.params, state.outer_opt_state, state.workers, batches, rng)
+        params, outer, workers, metrics = out
+        params, outer, metrics = jax.tree.map(lambda x: x[0], (params, outer, metrics))
+    else:
+        if mesh.shape[axis] != num_workers:
+            raise ValueError(f"mesh axis {axis!r} has {mesh.shape[axis]} devices, need one per worker ({num_workers})")
+
+        def per_device(params, outer, workers, batches, rng):
+            sq = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
+            p, o, w, m = fn(params, outer, sq(workers), sq(batches), rng)
+            return p, o, jax.tree.map(lambda x: x[None], w), m
+
+        params, outer, workers, metrics = jax.shard_map(
+            per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P()), out_specs=(P(), P(), P(axis), P()),
+            check_vma=True)(state.params, state.outer_opt_state, state.workers, batches, rng)
+    new = state.replace(params=params, outer_opt_state=outer, workers=workers, rounds=state.rounds + 1)
+    return new, metrics
+
+
+#: :func:`local_round`'s static keyword arguments.
+ROUND_STATIC = ("num_workers", "mesh", "policy", "axis", "step_fn")
+
+
 def make_round(num_workers: int, *, mesh: Mesh | None = None, policy: str = "keep", axis: str = AXIS,
-               step_fn: Callable = train_step):
-    """``round(state, batches, rng) -> (state, metrics)``, jitted. ``batches``: ``(W, K, b,
-    ...)`` per entry. With ``mesh`` (axis size ``W``) each worker runs on its own device
-    via ``shard_map``; without, the ``W`` workers are simulated with ``vmap`` on one device."""
+               step_fn: Callable = train_step) -> Callable:
+    """``round(state, batches, rng) -> (state, metrics)``: :func:`local_round` jitted with these
+    settings. JAX keys its cache on ``local_round`` and the settings (``step_fn`` and ``mesh``
+    compare by value), so rounds made again with equal settings reuse the compilation."""
     if policy not in POLICIES:
         raise ValueError(f"unknown optimizer-state policy {policy!r}; choose from {POLICIES}")
-
-    def round_fn(state: LocalSGDState, batches, rng):
-        fn = functools.partial(worker_round, outer_tx=state.outer_tx, policy=policy, axis=axis, step_fn=step_fn)
-        if mesh is None:
-            out = jax.vmap(fn, in_axes=(None, None, 0, 0, None), out_axes=(0, 0, 0, 0), axis_name=axis)(
-                state.params, state.outer_opt_state, state.workers, batches, rng)
-            params, outer, workers, metrics = out
-            params, outer, metrics = jax.tree.map(lambda x: x[0], (params, outer, metrics))
-        else:
-            if mesh.shape[axis] != num_workers:
-                raise ValueError(f"mesh axis {axis!r} has {mesh.shape[axis]} devices, need one per worker ({num_workers})")
-
-            def per_device(params, outer, workers, batches, rng):
-                sq = lambda t: jax.tree.map(lambda x: x[0], t)  # noqa: E731
-                p, o, w, m = fn(params, outer, sq(workers), sq(batches), rng)
-                return p, o, jax.tree.map(lambda x: x[None], w), m
-
-            params, outer, workers, metrics = jax.shard_map(
-                per_device, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P()), out_specs=(P(), P(), P(axis), P()),
-                check_vma=True)(state.params, state.outer_opt_state, state.workers, batches, rng)
-        new = state.replace(params=params, outer_opt_state=outer, workers=workers, rounds=state.rounds + 1)
-        return new, metrics
-
-    return jax.jit(round_fn)
-
-
-def worker_batches(stream, num_workers: int, num_local: int) -> dict:
-    """Take ``num_workers * num_local`` batches from ``stream`` (an iterator of numpy dicts)
-    and arrange them ``(W, K, b, ...)``: worker ``i`` gets batches ``i*K .. i*K+K-1``."""
-    got = [next(stream) for _ in range(num_workers * num_local)]
-    return {k: np.stack([b[k] for b in got]).reshape(num_workers, num_local, *got[0][k].shape) for k in got[0]}
+    return functools.partial(jax.jit(local_round, static_argnames=ROUND_STATIC), num_workers=num_workers, mesh=mesh,
+                             policy=policy, axis=axis, step_fn=step_fn)
 
 
 def shard_steps(stream, num_workers: int, num_local: int) -> dict:
@@ -182,8 +185,7 @@ def train_rounds(state: LocalSGDState, split, *, num_steps: int, batch_size: int
     seed=seed)``, the one ``train.fit(state, split, batch_size=batch_size, seed=seed)`` trains
     on, sharded by :func:`shard_steps`, so with ``num_local = 1`` and plain SGD the result is
     ``fit``'s synchronous gradient averaging up to float rounding. Round ``r`` gets the rng
-    ``fold_in(key(seed), r)``. ``round_fn``: a :func:`make_round` (``policy='keep'`` by default);
-    pass one to reuse its compilation across calls.
+    ``fold_in(key(seed), r)``. ``round_fn``: a :func:`make_round` (default ``policy='keep'``).
     """
     num_workers = state.workers.step.shape[0]
     if num_steps % num_local:
@@ -191,6 +193,7 @@ def train_rounds(state: LocalSGDState, split, *, num_steps: int, batch_size: int
     round_fn = make_round(num_workers) if round_fn is None else round_fn
     stream = data_lib.batches(split, batch_size, seed=seed)
     base, history = jax.random.key(seed), []
+    step_rng = jax.jit(jax.random.fold_in)  # the same bits as fit's per-step key, without eager dispatch
     for r in range(num_steps // num_local):
         state, metrics = round_fn(state, shard_steps(stream, num_workers, num_local), step_rng(base, r))
         history.append(metrics)
@@ -206,7 +209,7 @@ def divergence(start: TrainState, sync: TrainState, split, eval_split, *, num_wo
     from ``start`` with ``num_workers`` workers sharding that stream. Returns one row per ``K``:
     ``param_dist`` (L2 over all params to ``sync``), ``rel_dist`` (``/`` the distance ``sync``
     moved from ``start``), ``local_acc``/``sync_acc`` (accuracy on ``eval_split``), ``time_s``.
-    ``rounds``: ``{K: make_round(...)}`` to reuse compilations across calls.
+    ``rounds``: ``{K: round_fn}`` to use other :func:`make_round` settings than the default.
     """
     dist = lambda a, b: float(optax.global_norm(jax.tree.map(lambda x, y: x - y, a, b)))  # noqa: E731
     sync_acc, moved, rows = evaluate(sync, eval_split)["accuracy"], dist(sync.params, start.params), []

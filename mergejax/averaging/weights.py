@@ -3,7 +3,7 @@
 * :func:`check_compatible` — same structure, shapes and dtypes, or a ``ValueError`` naming
   the first differing leaf path.
 * :func:`average` — ``sum_i w_i tree_i / sum_i w_i`` leafwise (uniform when ``weights`` is None).
-* :func:`stream_init` / :func:`stream_add` / :func:`stream_mean` / :func:`stream_average` — the
+* :func:`stream_init` / :func:`stream_add` / :func:`stream_average` — the
   same weighted mean over any iterable while holding at most two trees (the mean and the
   newest one), e.g. checkpoints read one at a time.
 * :func:`ema` — exponential moving average of the parameters as an optax transform chained
@@ -23,31 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mergejax.core import trees
+
 Params = Any
-
-
-def _paths(tree: Any) -> list[tuple[str, Any]]:
-    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def check_compatible(a: Any, b: Any, names: tuple[str, str] = ("a", "b")) -> None:
     """Raise ``ValueError`` naming the first leaf path at which ``a`` and ``b`` differ in
-    presence, shape or dtype (leaves compared in flattening order)."""
-    na, nb = names
-    fa, fb = _paths(a), _paths(b)
-    for (pa, xa), (pb, xb) in zip(fa, fb):
-        if pa != pb:
-            raise ValueError(f"structures differ at leaf {min(pa, pb)}: {na} has {pa}, {nb} has {pb}")
-        if np.shape(xa) != np.shape(xb):
-            raise ValueError(f"{nb} has leaf {pb} of shape {np.shape(xb)}, {na} has {np.shape(xa)}")
-        if jnp.result_type(xa) != jnp.result_type(xb):
-            raise ValueError(f"{nb} has leaf {pb} of dtype {jnp.result_type(xb)}, {na} has {jnp.result_type(xa)}")
-    if len(fa) != len(fb):
-        longer, name = (fa, na) if len(fa) > len(fb) else (fb, nb)
-        raise ValueError(f"structures differ: only {name} has leaf {longer[min(len(fa), len(fb))][0]}")
-    ta, tb = jax.tree.structure(a), jax.tree.structure(b)
-    if ta != tb:
-        raise ValueError(f"tree structures differ (same leaf paths, different containers): {ta} vs {tb}")
+    presence, shape or dtype (:func:`mergejax.core.trees.first_mismatch`)."""
+    trees.check_same_structure([a, b], names)
 
 
 def _weights(n: int, weights: Sequence[float] | None) -> np.ndarray:
@@ -112,10 +96,6 @@ def stream_add(state: StreamState, tree: Params, weight: float = 1.0) -> StreamS
     return StreamState(jax.tree.map(upd, state.mean, tree), total)
 
 
-def stream_mean(state: StreamState) -> Params:
-    return state.mean
-
-
 def stream_average(trees: Iterable[Params], weights: Iterable[float] | None = None) -> Params:
     """:func:`average` over an iterable (e.g. a generator loading checkpoints), holding at
     most the running mean and one new tree."""
@@ -174,7 +154,7 @@ def ema(decay: float, debias: bool = False) -> optax.GradientTransformation:
 
 def ema_params(opt_state, decay: float | None = None, debias: bool = False) -> Params:
     """The EMA held by :func:`ema` inside a (chained) optimizer state (debiased when asked)."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EMAState)) if isinstance(s, EMAState)]
+    found = trees.find_states(opt_state, EMAState)
     if len(found) != 1:
         raise ValueError(f"expected exactly one EMAState in the optimizer state, found {len(found)} (chain ema(...) into tx)")
     s = found[0]

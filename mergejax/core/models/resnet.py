@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from mergejax.models.core import Head, batch_norm, conv_init, run_layers, scaled
-from mergejax.models.mlp import ConvBNReLU
+from mergejax.core.models.core import Head, batch_norm, conv_init, run_layers, scaled
+from mergejax.core.models.mlp import ConvBNReLU
 
 
 def _conv(features, kernel, strides, name):
@@ -29,6 +29,35 @@ class BasicBlock(nn.Module):
         if self.strides != 1 or x.shape[-1] != self.features:
             x = batch_norm(train, name="proj_bn", axis_name=ax)(_conv(self.features, 1, self.strides, "proj_conv")(x))
         return nn.relu(x + y)
+
+
+def residual_table(stem_features: int, plan, *, pre_act: bool) -> tuple:
+    """Unit table of a CIFAR (Wide-)ResNet: ``stem``, blocks ``plan = [(name, features,
+    strides)]``, ``head``. Units tied by identity shortcuts share a group (the stage's
+    residual stream, named after the first layer that writes it); each block's inner
+    units (``<block>/hidden``) are their own group. ``pre_act``: Wide-ResNet ordering
+    (BN before conv, a head BatchNorm, no stem BatchNorm, unnormalised projections)."""
+    first_projects = plan[0][2] != 1 or plan[0][1] != stem_features
+    stream = "stem" if first_projects else "stage1"
+    rows = [("conv", ("stem", "conv"), None, stream)] + ([] if pre_act else [("norm", ("stem", "bn"), stream, stream)])
+    features = stem_features
+    for name, f, strides in plan:
+        projects = strides != 1 or f != features
+        out = name.split("_")[0] if projects else stream  # an identity shortcut ties out to in
+        hidden = f"{name}/hidden"
+        if pre_act:
+            rows += [("norm", (name, "bn1"), stream, stream), ("norm", (name, "bn2"), hidden, hidden)]
+        else:
+            rows += [("norm", (name, "bn1"), hidden, hidden), ("norm", (name, "bn2"), out, out)]
+        rows += [("conv", (name, "conv1"), stream, hidden), ("conv", (name, "conv2"), hidden, out)]
+        if projects:
+            rows.append(("conv", (name, "proj_conv"), stream, out))
+            if not pre_act:
+                rows.append(("norm", (name, "proj_bn"), out, out))
+        stream, features = out, f
+    if pre_act:
+        rows.append(("norm", ("head", "bn"), stream, stream))
+    return (*rows, ("dense", ("head", "dense"), stream, None))
 
 
 def _stage_plan(n: int, widths):
@@ -56,6 +85,10 @@ class ResNet(nn.Module):
 
     def layer_names(self) -> tuple[str, ...]:
         return ("stem",) + tuple(name for name, _, _ in self._plan()) + ("head",)
+
+    def unit_table(self) -> tuple:
+        """See :func:`residual_table`."""
+        return residual_table(scaled(16, self.width), self._plan(), pre_act=False)
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
@@ -109,6 +142,10 @@ class WideResNet(nn.Module):
 
     def layer_names(self) -> tuple[str, ...]:
         return ("stem",) + tuple(name for name, _, _ in self._plan()) + ("head",)
+
+    def unit_table(self) -> tuple:
+        """See :func:`residual_table`."""
+        return residual_table(scaled(16, self.width), self._plan(), pre_act=True)
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):

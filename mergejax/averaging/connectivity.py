@@ -15,11 +15,12 @@ from typing import Any, Sequence
 import flax.linen as nn
 import numpy as np
 
-from mergejax import data as data_lib
-from mergejax import rebasin
-from mergejax.averaging import interpolate
-from mergejax.train import TrainState, evaluate
-from mergejax.units import unit_spec, variables_of
+from mergejax.core import data as data_lib
+from mergejax.averaging import rebasin
+from mergejax.averaging.weights import interpolate
+from mergejax.core.loop import evaluate
+from mergejax.core.train import TrainState
+from mergejax.core.units import unit_spec, variables_of
 
 
 def loss_barrier(losses: Sequence[float], ts: Sequence[float]) -> float:

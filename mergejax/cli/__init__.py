@@ -12,10 +12,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("mergejax.cli:train", "train one model from a TrainConfig preset or overrides"),
-    "average": ("mergejax.average_cli:main", "average checkpoints (streaming; --weights, --align, --recompute-bn)"),
-    "merge": ("mergejax.merge_cli:main", "merge two trained networks (concat, gates, compress, fine-tune)"),
-    "prepare": ("mergejax.prepare_cli:main", "download and convert a dataset ahead of time"),
+    "train": ("mergejax.cli:train", "train one model from the default train config with --set overrides"),
+    "average": ("mergejax.cli.average:main", "average checkpoints (streaming; --weights, --align, --recompute-bn)"),
+    "merge": ("mergejax.cli.merge:main", "merge two trained networks (concat, gates, compress, fine-tune)"),
+    "prepare": ("mergejax.cli.prepare:main", "download and convert a dataset ahead of time"),
 }
 
 USAGE_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError)
@@ -27,17 +27,23 @@ def train(argv):
     import json
     import os
 
-    from mergejax.config import TrainConfig, override, to_dict
+    from mergejax.config import format_config, override, to_dict, train_config
 
     p = argparse.ArgumentParser(prog="mergejax train", description=train.__doc__)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="TrainConfig field, e.g. --set model=resnet20 --set dataset=cifar10")
-    p.add_argument("--out", required=True, help="work directory: checkpoints/, metrics.jsonl, summary.json")
+                   help="train config key, e.g. --set model=resnet20 --set dataset=cifar10 (see --list-config)")
+    p.add_argument("--list-config", action="store_true", help="print every key with its default and type, and exit")
+    p.add_argument("--out", help="work directory: checkpoints/, metrics.jsonl, summary.json")
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    config = override(TrainConfig(), args.overrides)
-    from mergejax import rundir
+    config = override(train_config(), args.overrides)
+    if args.list_config:
+        print(format_config(config))
+        return 0
+    if args.out is None:
+        p.error("the following arguments are required: --out")
+    from mergejax.core import rundir
     from mergejax.run import train_and_evaluate
 
     _, summary = train_and_evaluate(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
@@ -48,7 +54,7 @@ def train(argv):
 
 def run_entry_point(fn, argv, *, debug: bool) -> int:
     """Call ``fn(argv)`` as a command: user errors become one line on stderr and status 2."""
-    from mergejax.errors import UserError
+    from mergejax.core.errors import UserError
 
     try:
         return int(fn(argv) or 0)
@@ -77,7 +83,7 @@ def quiet_libraries() -> None:
         pass
     for name in ("absl", "orbax", "orbax.checkpoint", "jax._src.xla_bridge", "tensorflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from mergejax.checkpoint import quiet_logging
+    from mergejax.core.checkpoint import quiet_logging
 
     quiet_logging()
 

@@ -17,6 +17,8 @@
 Fast Geometric Ensembling is :func:`schedules.fge_triangle` + :class:`snapshot.SnapshotCollector`
 at :func:`schedules.fge_boundaries` + :func:`snapshot.evaluate_ensemble`; :func:`fge_plan`
 wires the schedule and the snapshot steps together, :func:`fge_cycle_steps` sizes the cycle.
+:func:`equal_budget_plans` lays out the single-model, snapshot, Single-Cycle, SWA and FGE runs of
+one budget (Huang et al. 2017, Table 1, plus SWA and FGE).
 """
 
 from __future__ import annotations
@@ -27,23 +29,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mergejax import data as data_lib
-from mergejax import schedules
-from mergejax.train import step_rng
+from mergejax.core import data as data_lib
+from mergejax.core import optim as schedules
+from mergejax.core import trees
 
 Params = Any
-
-
-def _check_same_structure(a: Params, b: Params, what: str = "tree") -> None:
-    fa, ta = jax.tree_util.tree_flatten_with_path(a)
-    fb, tb = jax.tree_util.tree_flatten_with_path(b)
-    if ta != tb:
-        pa = {jax.tree_util.keystr(p) for p, _ in fa}
-        pb = {jax.tree_util.keystr(p) for p, _ in fb}
-        raise ValueError(f"{what}: structures differ; only in the average: {sorted(pa - pb)[:5]}, only in the new: {sorted(pb - pa)[:5]}")
-    for (path, x), (_, y) in zip(fa, fb):
-        if jnp.shape(x) != jnp.shape(y):
-            raise ValueError(f"{what}: leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(y)} in the new tree, {jnp.shape(x)} in the average")
 
 
 def running_mean(avg: Params, new: Params, n) -> Params:
@@ -52,7 +42,8 @@ def running_mean(avg: Params, new: Params, n) -> Params:
     ``n`` (int or int scalar array, traceable) is how many trees ``avg`` already averages;
     with ``n = 0`` the result is ``new``. Leaves keep ``avg``'s dtype.
     """
-    _check_same_structure(avg, new, "running_mean")
+    if (msg := trees.first_mismatch(avg, new, ("the average", "the new tree"), dtypes=False)) is not None:
+        raise ValueError(f"running_mean: {msg}")
     w = 1.0 / (jnp.asarray(n, jnp.float32) + 1.0)
     return jax.tree.map(lambda a, x: (a + (x - a) * w.astype(a.dtype)).astype(a.dtype), avg, new)
 
@@ -65,6 +56,7 @@ class SWAState(NamedTuple):
     mean: Params
 
 
+@schedules.value_equal
 def swa_average(start_step: int, every: int = 1) -> optax.GradientTransformation:
     """Running mean of the parameters after each step ``s`` (steps taken) with
     ``s >= start_step`` and ``(s - start_step) % every == 0``. Leaves updates unchanged; chain
@@ -90,7 +82,7 @@ def swa_average(start_step: int, every: int = 1) -> optax.GradientTransformation
 
 def swa_state(opt_state) -> SWAState:
     """The :class:`SWAState` inside a (chained) optimizer state."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SWAState)) if isinstance(s, SWAState)]
+    found = trees.find_states(opt_state, SWAState)
     if len(found) != 1:
         raise ValueError(f"expected exactly one SWAState in the optimizer state, found {len(found)} (chain swa_average(...) into tx)")
     return found[0]
@@ -122,12 +114,6 @@ def _batch_statistics(apply_fn: Callable, params: Params, batch_stats: Params, i
     return jax.tree.map(lambda s, m: s / (1.0 - m), s0, momentum)
 
 
-# Module-level jits: keyed on ``apply_fn`` (static) and shapes, so repeated calls (every seed,
-# every averaged model) reuse one compile.
-_jitted_bn_momentum = jax.jit(_bn_momentum, static_argnums=0)
-_jitted_batch_statistics = jax.jit(_batch_statistics, static_argnums=0)
-
-
 def recompute_batch_stats(
     apply_fn: Callable,
     params: Params,
@@ -152,22 +138,25 @@ def recompute_batch_stats(
     if not jax.tree.leaves(batch_stats):
         return batch_stats
     rng = jax.random.key(seed) if rng is None else rng
-    avg, n, momentum = None, 0, None
+    # jitted here; JAX keys the compiles on the function, apply_fn (static, value-equal) and
+    # shapes, so every seed and every averaged model reuses them
+    fold_in = jax.jit(jax.random.fold_in)
+    momentum_fn = jax.jit(_bn_momentum, static_argnums=0)
+    statistics_fn = jax.jit(_batch_statistics, static_argnums=0)
+    avg, momentum = trees.RunningMean(), None
     for i, batch in enumerate(data_lib.batches(split, batch_size, seed=seed, remainder="drop", epochs=1)):
         if num_batches is not None and i >= num_batches:
             break
-        rng_i = step_rng(rng, i)
+        rng_i = fold_in(rng, i)
         if momentum is None:
-            momentum = _jitted_bn_momentum(apply_fn, params, batch_stats, batch["image"], rng_i)
-            bad = [jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_flatten_with_path(momentum)[0] if not bool(jnp.all(m < 0.999999))]
+            momentum = momentum_fn(apply_fn, params, batch_stats, batch["image"], rng_i)
+            bad = [path for path, m in trees.leaves_with_paths(momentum) if not bool(jnp.all(m < 0.999999))]
             if bad:
                 raise ValueError(f"BatchNorm statistics {bad[:3]} do not change in train mode (momentum 1?); cannot re-estimate them")
-        b = _jitted_batch_statistics(apply_fn, params, batch_stats, batch["image"], rng_i, momentum)
-        avg = b if avg is None else running_mean(avg, b, n)
-        n += 1
-    if avg is None:
+        avg.add(statistics_fn(apply_fn, params, batch_stats, batch["image"], rng_i, momentum))
+    if avg.mean is None:
         raise ValueError(f"no full batch of {batch_size} in {len(split)} examples")
-    return jax.tree.map(lambda a, ref: a.astype(ref.dtype), avg, batch_stats)
+    return jax.tree.map(lambda a, ref: a.astype(ref.dtype), avg.mean, batch_stats)
 
 
 def swa_model(state, split: data_lib.Split, batch_size: int = 128, *, seed: int = 0) -> dict:
@@ -198,5 +187,55 @@ def fge_plan(
 ) -> tuple[optax.Schedule, tuple[int, ...]]:
     """FGE: ``pretrain`` for counts < ``start_step``, then the triangle alpha1 -> alpha2 ->
     alpha1 every ``cycle_steps``. Returns ``(lr_fn, snapshot steps)`` (one per LR minimum)."""
-    lr_fn = optax.join_schedules([pretrain, schedules.fge_triangle(alpha1, alpha2, cycle_steps)], [start_step])
-    return lr_fn, schedules.fge_boundaries(start_step, cycle_steps, total_steps)
+    return fge_schedule(pretrain, start_step, alpha1, alpha2, cycle_steps), schedules.fge_boundaries(start_step, cycle_steps, total_steps)
+
+
+@schedules.value_equal
+def fge_schedule(pretrain: optax.Schedule, start_step: int, alpha1: float, alpha2: float, cycle_steps: int) -> optax.Schedule:
+    """The learning rate of :func:`fge_plan` (compares by value when ``pretrain`` does)."""
+    return optax.join_schedules([pretrain, schedules.fge_triangle(alpha1, alpha2, cycle_steps)], [start_step])
+
+
+@schedules.value_equal
+def with_swa_average(tx: optax.GradientTransformation, start_step: int, every: int = 1) -> optax.GradientTransformation:
+    """``optax.chain(tx, swa_average(start_step, every))``, comparing by value (one compiled step per recipe)."""
+    return optax.chain(tx, swa_average(start_step, every))
+
+
+class RunPlan(NamedTuple):
+    """One training run of an equal-budget comparison: its schedule, the steps it marks
+    (snapshots, or SWA averages when ``swa_every``), its length, and the SWA period (0: none)."""
+
+    lr_fn: optax.Schedule
+    marks: tuple[int, ...]
+    num_steps: int
+    swa_every: int = 0
+
+
+def budget_step(fraction: float, total_steps: int) -> int:
+    """The step at ``fraction`` of a budget of ``total_steps`` (at least 1)."""
+    return max(1, int(round(fraction * total_steps)))
+
+
+def equal_budget_plans(total_steps: int, steps_per_epoch: int, num_snapshots: int, lr: float, *, alpha0s: tuple = (0.1, 0.2),
+                       single_cycle_alpha0: float = 0.1, swa_lr: float = 0.05, swa_start: float = 0.5, fge_start: float = 0.5,
+                       fge_alpha1: float = 0.05, fge_alpha2: float = 0.0005) -> dict[str, RunPlan]:
+    """Huang et al. 2017's comparison at one budget ``B = total_steps`` with ``M = num_snapshots``:
+
+    ``single`` (lr, /10 at 50% and 75%; marks its M cycle ends: NoCycle), ``snapshot_<a0>`` (M cosine cycles
+    restarting at a0), ``single_cycle-<j>`` (M runs of one cosine cycle each, lengths summing to B), ``swa``
+    (:func:`schedules.swa_schedule`, a running mean every epoch from ``swa_start`` of B), ``fge`` (pre-train to
+    ``fge_start`` of B, then :func:`fge_plan` cycles sized by :func:`fge_cycle_steps`). Starts are fractions of B.
+    """
+    T, M = total_steps, num_snapshots
+    bounds, s_swa, s_fge = schedules.snapshot_boundaries(T, M), budget_step(swa_start, T), budget_step(fge_start, T)
+    plans = {"single": RunPlan(schedules.step_decay(lr, T), bounds, T)}
+    plans.update({f"snapshot_{a0}": RunPlan(schedules.snapshot_cosine(a0, T, M), bounds, T) for a0 in alpha0s})
+    plans["swa"] = RunPlan(schedules.swa_schedule(lr, swa_lr, s_swa), tuple(range(s_swa, T + 1, steps_per_epoch)), T,
+                           steps_per_epoch)
+    plans["fge"] = RunPlan(*fge_plan(schedules.swa_schedule(lr, fge_alpha1, s_fge), s_fge, fge_alpha1, fge_alpha2,
+                                     fge_cycle_steps(s_fge, T, M), T), T)
+    starts = schedules.cycle_starts(T, M)
+    for j, n in enumerate(b - a for a, b in zip(starts, starts[1:])):
+        plans[f"single_cycle-{j}"] = RunPlan(schedules.snapshot_cosine(single_cycle_alpha0, n, 1), (n,), n)
+    return plans

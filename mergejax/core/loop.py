@@ -1,14 +1,9 @@
-"""Train state, the pure train/eval steps, and the ``fit`` host loop.
-
-``train_step(state, batch, rng) -> (state, metrics)`` is a module-level pure function;
-jit it where you call it (``jax.jit(train_step, donate_argnums=0)``). ``fit`` is a thin
-host loop around it: progress bar, JSON-lines metrics, periodic evaluation, orbax
-checkpoints and exact resume.
-"""
+"""The host loop: ``fit`` (progress bar, JSON-lines metrics, periodic evaluation, checkpoints,
+exact resume) and ``evaluate``. Every step it runs is :func:`mergejax.core.train.train_step`
+(or a ``step_fn`` of the same signature), jitted here at the call."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -17,205 +12,34 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from mergejax import checkpoint as ckpt_lib
-from mergejax import data as data_lib
-from mergejax import rundir
-from mergejax.errors import Diverged
-from mergejax.models import apply_model, init_variables
-
-Params = Any
+from mergejax.core import checkpoint as ckpt_lib
+from mergejax.core import data as data_lib
+from mergejax.core import rundir
+from mergejax.core.errors import Diverged
+from mergejax.core.train import STEP_STATIC, TrainState, model_eval_sums, softmax_loss, train_step
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training (pytree leaves) plus the static functions
-    that define the step (``apply_fn``, ``tx``, ``lr_fn``, ``augment_fn``; not leaves).
-
-    apply_fn(params, batch_stats, images, *, train, frozen, rng) -> (logits, batch_stats)
-    """
-
-    step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Params
-    batch_stats: Params
-    opt_state: optax.OptState
-    apply_fn: Callable = flax.struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-    lr_fn: Callable | None = flax.struct.field(pytree_node=False, default=None)
-    augment_fn: Callable | None = flax.struct.field(pytree_node=False, default=None)
-
-    @classmethod
-    def create(cls, *, apply_fn, params, batch_stats, tx, lr_fn=None, augment_fn=None) -> "TrainState":
-        return cls(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=tx.init(params),
-            apply_fn=apply_fn,
-            tx=tx,
-            lr_fn=lr_fn,
-            augment_fn=augment_fn,
-        )
-
-    def arrays(self) -> dict:
-        """The checkpointed part: ``{'step', 'params', 'batch_stats', 'opt_state'}``."""
-        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats, "opt_state": self.opt_state}
-
-    def replace_arrays(self, tree: dict) -> "TrainState":
-        return self.replace(**tree)
-
-
-def model_apply_fn(model: nn.Module) -> Callable:
-    """Wrap a Linen model as ``apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None)``.
-
-    Equal model configs get the same function object (Linen modules compare by value), so
-    jitted steps keyed on ``apply_fn`` (a static field of :class:`TrainState`) are reused
-    across seeds instead of recompiled.
-    """
-    try:
-        return _cached_apply_fn(model)
-    except TypeError:  # unhashable module field (e.g. a list): a fresh wrapper
-        return _make_apply_fn(model)
-
-
-def _make_apply_fn(model: nn.Module) -> Callable:
-    def apply_fn(params, batch_stats, x, *, train, frozen=0, rng=None):
-        return apply_model(model, params, batch_stats, x, train=train, frozen=frozen, rng=rng)
-
-    return apply_fn
-
-
-_cached_apply_fn = functools.lru_cache(maxsize=64)(_make_apply_fn)
-
-
-def make_optimizer(
-    name: str,
-    lr: float | optax.Schedule,
-    *,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    grad_clip: float = 0.0,
-) -> optax.GradientTransformation:
-    """SGD (coupled L2 like PyTorch's ``weight_decay``, then momentum), Adam (coupled L2) or
-    AdamW (decoupled), with optional global-norm clipping first."""
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-    if name == "sgd":
-        parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
-        parts += [optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)]
-    elif name == "adam":
-        parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
-        parts += [optax.adam(lr)]
-    elif name == "adamw":
-        parts += [optax.adamw(lr, weight_decay=weight_decay)]
-    else:
-        raise ValueError(f"unknown optimizer {name!r}; available: sgd, adam, adamw")
-    return optax.chain(*parts)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean softmax cross-entropy over examples with ``mask`` 1 (nats). logits (B, K), labels (B,)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    if mask is None:
-        return losses.mean()
-    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
-
-def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: int = 0) -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch = {'image': (B,H,W,C), 'label': (B,), ['mask': (B,)]}``.
-
-    ``rng`` drives augmentation and dropout. ``frozen`` (static) layers at the front run in
-    eval mode without backward. Metrics (scalars): loss, accuracy, grad_norm, param_norm, lr.
-    """
-    aug_rng, model_rng = jax.random.split(rng)
-    images = batch["image"]
-    if state.augment_fn is not None:
-        images = state.augment_fn(aug_rng, images)
-    mask = batch.get("mask")
-
-    def loss_fn(params):
-        logits, batch_stats = state.apply_fn(params, state.batch_stats, images, train=True, frozen=frozen, rng=model_rng)
-        return cross_entropy(logits, batch["label"], mask), (logits, batch_stats)
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "accuracy": _accuracy(logits, batch["label"], mask),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
-        "lr": state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan,
-    }
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, metrics
-
-
-def _accuracy(logits, labels, mask):
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    if mask is None:
-        return correct.mean()
-    return (correct * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
-
-def eval_step(state: TrainState, batch: dict) -> dict:
-    """Sums over the batch (so batches add up exactly): loss_sum, correct, count."""
-    return _model_eval_sums(state.apply_fn, state.params, state.batch_stats, batch)
-
-
-def _model_eval_sums(apply_fn: Callable, params: Params, batch_stats: Params, batch: dict) -> dict:
-    logits, _ = apply_fn(params, batch_stats, batch["image"], train=False)
-    return eval_sums(logits, batch["label"], batch.get("mask"))
-
-
-# Jitted once per process and keyed only on ``apply_fn`` and shapes, not on the whole state:
-# states that differ in optimizer or schedule (every run of a sweep) share one compile.
-_jitted_model_eval_sums = jax.jit(_model_eval_sums, static_argnums=0)
-
-
-def _jitted_eval_step(state: TrainState, batch: dict) -> dict:
-    """:func:`eval_step` through :data:`_jitted_model_eval_sums`."""
-    return _jitted_model_eval_sums(state.apply_fn, state.params, state.batch_stats, batch)
-
-
-def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> dict:
-    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {"loss_sum": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+def _default_step(loss_fn: Callable) -> Callable:
+    step = jax.jit(train_step, donate_argnums=0, static_argnames=STEP_STATIC)
+    return lambda state, batch, rng: step(state, batch, rng, loss_fn=loss_fn)
 
 
 def evaluate(state: TrainState, split: data_lib.Split, batch_size: int = 500, step_fn: Callable | None = None) -> dict:
-    """Test loss (nats) and accuracy over every example of ``split`` exactly once."""
-    step_fn = step_fn or _jitted_eval_step
+    """Test loss (nats) and accuracy over every example of ``split`` exactly once.
+    ``step_fn(state, batch) -> sums`` defaults to jitted :func:`~mergejax.core.train.model_eval_sums`."""
+    if step_fn is None:
+        sums_fn = jax.jit(model_eval_sums, static_argnums=0)
+        step_fn = lambda s, b: sums_fn(s.apply_fn, s.params, s.batch_stats, b)  # noqa: E731
     totals = None
     for batch in data_lib.batches(split, min(batch_size, len(split)), seed=0, shuffle=False, remainder="pad", epochs=1):
         sums = step_fn(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     return {"loss": float(totals["loss_sum"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
-
-
-def create_state(
-    model: nn.Module,
-    rng: jax.Array,
-    input_shape: Sequence[int],
-    tx: optax.GradientTransformation,
-    *,
-    lr_fn: Callable | None = None,
-    augment_fn: Callable | None = None,
-) -> TrainState:
-    """Initialise ``model`` and wrap it in a :class:`TrainState`."""
-    params, batch_stats = init_variables(model, rng, input_shape)
-    return TrainState.create(
-        apply_fn=model_apply_fn(model), params=params, batch_stats=batch_stats, tx=tx, lr_fn=lr_fn, augment_fn=augment_fn
-    )
 
 
 def prefetch_to_device(iterator: Iterable, size: int = 2, sharding=None) -> Iterator:
@@ -254,14 +78,6 @@ def first_nonfinite_leaf(tree: Any) -> str | None:
     return None
 
 
-# ``fold_in(key, step)`` as one jitted call: ~20 us instead of ~200 us of eager dispatch per
-# training step, which is 5-15% of a small model's step on CPU. Same bits as the eager call.
-step_rng = jax.jit(jax.random.fold_in)
-# The default step of ``fit``: one jit for the process, so a state whose static fields
-# (apply_fn, tx, lr_fn, augment_fn) were seen before does not recompile.
-_jitted_train_step = jax.jit(train_step, donate_argnums=0)
-
-
 def fit(
     state: TrainState,
     train_split: data_lib.Split,
@@ -277,6 +93,7 @@ def fit(
     checkpoint_every: int = 0,
     remainder: str = "drop",
     callbacks: Sequence[Callable[[int, TrainState], None]] = (),
+    loss_fn: Callable = softmax_loss,
     step_fn: Callable | None = None,
     progress: bool = True,
     manifest: Mapping | None = None,
@@ -293,20 +110,23 @@ def fit(
     produced it: the loop settings, content hashes of the data and of the initial state, and
     the caller's ``manifest`` (e.g. the resolved config, which is the only place an optimizer
     or schedule change can show). A workdir of another run is refused
-    (:class:`~mergejax.errors.ConfigMismatch`) unless ``overwrite``.
+    (:class:`~mergejax.core.errors.ConfigMismatch`) unless ``overwrite``.
 
     Parameters are checked for NaN/Inf before every checkpoint and the loss at every log
-    step; the first failure raises :class:`~mergejax.errors.Diverged` naming the step and
+    step; the first failure raises :class:`~mergejax.core.errors.Diverged` naming the step and
     the first bad leaf, so the newest checkpoint on disk is always finite.
     ``history`` holds the records of this call; ``read_metrics(workdir)`` the whole run.
     ``callbacks(step, state)`` run on the host after every step (``step`` = steps taken).
+    The step is ``jax.jit(train_step)`` with ``loss_fn`` (a static argument: pass a
+    value-equal object, e.g. a module-level function or frozen dataclass, for compile reuse
+    across calls), or ``step_fn(state, batch, rng) -> (state, metrics)``.
     """
     per_epoch = data_lib.steps_per_epoch(len(train_split), batch_size, remainder)
     eval_every = eval_every or per_epoch
     checkpoint_every = checkpoint_every or per_epoch
     loop = dict(num_steps=num_steps, batch_size=batch_size, seed=seed, eval_split=eval_split, eval_every=eval_every,
                 eval_batch_size=eval_batch_size, log_every=log_every, checkpoint_every=checkpoint_every,
-                remainder=remainder, callbacks=callbacks, step_fn=step_fn or _jitted_train_step, progress=progress)
+                remainder=remainder, callbacks=callbacks, step_fn=step_fn or _default_step(loss_fn), progress=progress)
     if workdir is None:
         return _fit_loop(state, train_split, None, None, 0, **loop)
     run_manifest = rundir.make_manifest(
@@ -341,6 +161,8 @@ def _fit_loop(state, train_split, manager, log_file, start, *, num_steps, batch_
             log_file.flush()
 
     base_rng = jax.random.key(seed)
+    # One jitted fold_in: ~20 us instead of ~200 us of eager dispatch per step (same bits).
+    step_rng = jax.jit(jax.random.fold_in)
     stream = data_lib.batches(train_split, batch_size, seed=seed, start_step=start, remainder=remainder)
     if jax.default_backend() != "cpu":
         # On CPU "device" memory is host memory: a prefetch thread gains nothing and its GIL
@@ -371,7 +193,7 @@ def _fit_loop(state, train_split, manager, log_file, start, *, num_steps, batch_
                 log({"step": done, "split": "train", **record, "time_s": time.perf_counter() - t0})
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
             if eval_split is not None and (done % eval_every == 0 or done == num_steps):
-                log({"step": done, "split": "test", **evaluate(state, eval_split, eval_batch_size, _jitted_eval_step)})
+                log({"step": done, "split": "test", **evaluate(state, eval_split, eval_batch_size)})
             if manager is not None and (done % checkpoint_every == 0 or done == num_steps):
                 arrays = state.arrays()
                 if not all_finite(arrays):
@@ -444,7 +266,6 @@ def _truncate_log(path: str, step: int) -> float:
 _FETCH_CHUNK = 16
 
 
-@jax.jit
 def _stack_chunk(chunk: list) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *chunk)
 
@@ -458,9 +279,10 @@ def fetch_metrics(pending: list) -> list:
     takes a fraction of a millisecond. The remainder is fetched leaf by leaf.
     """
     out: list = []
+    stack = jax.jit(_stack_chunk)  # JAX caches on the function: compiled once per structure
     full = len(pending) - len(pending) % _FETCH_CHUNK
     for i in range(0, full, _FETCH_CHUNK):
-        stacked = jax.device_get(_stack_chunk(pending[i:i + _FETCH_CHUNK]))
+        stacked = jax.device_get(stack(pending[i:i + _FETCH_CHUNK]))
         out.extend(jax.tree.map(lambda v, j=j: v[j], stacked) for j in range(_FETCH_CHUNK))
     out.extend(jax.device_get(pending[full:]))
     return out
