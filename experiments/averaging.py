@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mergejax import report
+from mergejax import cost, report
 from mergejax.averaging import connectivity, distributed, local_sgd, soups
 from mergejax.config import to_dict
 from mergejax.core import checkpoint, data as data_lib
@@ -49,6 +49,32 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                  interp_points=3, soup_pretrain_steps=20, soup_finetune_steps=10, soup_lrs=(0.01, 0.1), two_process=False,
                  checkpoint_every=10)
     return c
+
+
+def plan(config: ml_collections.ConfigDict) -> list[dict]:
+    """Every training run of :func:`run` (for ``--dry-run``); evaluations are not counted.
+
+    (a) per optimizer and seed: the synchronous run plus one local-SGD run per K, each
+    ``total_steps`` steps of the global batch ``workers x worker_batch``; (b) two networks per
+    seed; (c) a pre-training and one fine-tune per learning rate; (d) 2 processes x the fixed
+    rounds of :mod:`mergejax.averaging.distributed` (MLP 16 on 8x8 inputs, batch 8).
+    """
+    def row(name, hidden, steps, batch, dataset=config.dataset):
+        return {"name": name, "model": "mlp", "model_kwargs": {"hidden": tuple(hidden)}, "dataset": dataset,
+                "steps": int(steps), "batch_size": int(batch), "width_factor": 1.0}
+    rows = []
+    for s in config.seeds:
+        for opt in ("sgd", "momentum"):
+            for run_name in ("sync", *(f"K{k}" for k in config.ks)):
+                rows.append(row(f"divergence/{opt}/seed{s}/{run_name}", config.hidden, config.total_steps,
+                                config.workers * config.worker_batch))
+        rows += [row(f"interp/seed{s}/net{j}", config.pair_hidden, config.pair_steps, config.batch_size) for j in (0, 1)]
+        rows.append(row(f"soups/seed{s}/pretrain", config.hidden, config.soup_pretrain_steps, config.batch_size))
+        rows += [row(f"soups/seed{s}/finetune{i}", config.hidden, config.soup_finetune_steps, config.batch_size)
+                 for i in range(len(config.soup_lrs))]
+    if config.two_process:
+        rows.append(row("two_process", (16,), 2 * distributed.ROUNDS * distributed.LOCAL_STEPS, 8, dataset="digits"))
+    return rows
 
 
 def _pick(config, *keys, **extra) -> dict:

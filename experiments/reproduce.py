@@ -4,6 +4,7 @@
     python experiments/reproduce.py --only train_baseline
     python experiments/reproduce.py --preset paper  # GPU/TPU: the papers' settings
     python experiments/reproduce.py --preset smoke  # seconds: checks the install end to end
+    python experiments/reproduce.py --preset paper --dry-run  # trains nothing: planned runs, FLOPs, GPU-hours
 
 Outputs go to ``results/<preset>/`` (``--results`` to change). Each experiment resumes:
 kill this command at any moment and run it again to finish without redoing finished units;
@@ -28,7 +29,7 @@ import jax
 
 from mergejax.cli import quiet_libraries, run_entry_point
 from mergejax.core.errors import UserError
-from mergejax.experiment import get_config, run_experiment
+from mergejax.experiment import add_dry_run_arguments, device_label, dry_run, get_config, run_experiment
 from mergejax.run import enable_compilation_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,6 +64,7 @@ def _main(argv) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace experiment directories that hold another config")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    add_dry_run_arguments(p)
     args = p.parse_args(argv)
     args.results = args.results or os.path.join("results", args.preset)
     quiet_libraries()
@@ -72,6 +74,8 @@ def _main(argv) -> int:
         if unknown:
             raise UserError(f"unknown experiment(s) {sorted(unknown)}; available: {', '.join(m.NAME for m in mods)}")
         mods = [m for m in mods if m.NAME in args.only]
+    if args.dry_run:
+        return _dry_run(mods, args)
     cache = enable_compilation_cache()  # $MERGEJAX_COMPILATION_CACHE, default ~/.cache/mergejax/xla; "off" disables
     warm = len(os.listdir(cache)) if cache else 0
     sections, timings = [], {}
@@ -102,6 +106,25 @@ def _main(argv) -> int:
         f.write("\n".join([header, *sections]))
     os.replace(tmp, path)
     print(f"wrote {path} ({total:.0f} s)")
+    return 0
+
+
+def _dry_run(mods, args) -> int:
+    """Every experiment's planned runs and cost, and the sum; trains nothing, writes nothing."""
+    flops_cache, totals, missing = {}, [], []
+    for mod in mods:
+        if not callable(getattr(mod, "plan", None)):
+            print(f"== {mod.NAME}: no plan(config), not estimated", flush=True)
+            missing.append(mod.NAME)
+            continue
+        print(f"== {mod.NAME} ({args.preset})", flush=True)
+        totals.append(dry_run(mod, get_config(mod, args.preset), peak_tflops=args.device_peak_tflops,
+                              utilisation=args.utilisation, cache=flops_cache))
+    steps, flops, hours = (sum(t[k] for t in totals) for k in ("steps", "flops", "gpu_hours"))
+    print(f"all experiments total: {sum(len(t['rows']) for t in totals)} run(s), {steps:,} steps, {flops:.3e} FLOPs, "
+          f"{hours:.4g} GPU-hours at {device_label(args.device_peak_tflops)} x {args.utilisation:g} utilisation"
+          + (f"; not estimated (no plan): {', '.join(missing)}" if missing else ""))
+    print(f"dry run: nothing trained, nothing written to {args.results}")
     return 0
 
 

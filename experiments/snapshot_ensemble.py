@@ -1,8 +1,10 @@
-"""Snapshot Ensembles (Huang et al. 2017, Table 1) beside SWA and FGE at equal training cost B, M members;
-``experiments/snapshot_ensemble.py [--preset paper] [--set num_snapshots=4 --set seeds=(0,1)]``. Rows per seed
-(:func:`mergejax.ensembles.swa.equal_budget_plans`): single model, NoCycle, Single-Cycle, snapshot ensembles per a0, SWA
-and its last iterate, FGE, true ensemble (M budgets). Units ``units/seed<k>/<run>`` train one model each (checkpointed,
-snapshots on disk); ``true_ensemble``/``single_cycle`` evaluate other units' final members (in memory if trained here).
+"""Snapshot Ensembles (Huang et al. 2017, Tables 1 and 3) beside SWA and FGE at equal training cost B, M members;
+``experiments/snapshot_ensemble.py [--preset paper] [--set networks="('resnet110',)" --set columns="('single','snapshot_a0.2')"]``.
+Per network x dataset x seed (:func:`mergejax.ensembles.swa.training_runs`): the Table 1 ``columns`` (single model, NoCycle,
+Single-Cycle, dropout, snapshot ensembles per a0) and ``extras`` (true ensemble, SWA and its last iterate, FGE, a single model of
+M budgets, weight average of the snapshots). ``table3_ms``: DenseNet-40 on CIFAR-100, a0 = 0.2, M cycles. Units
+``units/[<net>/<dataset>/]seed<k>/<run>`` train one model each (checkpointed, snapshots on disk); ensembles of final members
+read other units' models. results.json["paper_comparison"]: our errors beside the published cells (:mod:`mergejax.papers`).
 """
 
 from __future__ import annotations
@@ -15,30 +17,42 @@ import jax
 import ml_collections
 import numpy as np
 
-from mergejax import report
+from mergejax import cost, papers, report
 from mergejax.config import to_dict, train_config
 from mergejax.core import data as data_lib, optim as schedules
 from mergejax.core.models import make_model
 from mergejax.core.train import create_state, model_apply_fn
+from mergejax.ensembles.comparison import GridCell, alpha0s, grid, method_rows, paper_values
 from mergejax.ensembles.snapshot import curve_summary, ensemble_curve, final_snapshot, fit_with_snapshots
-from mergejax.ensembles.swa import budget_step, equal_budget_plans, fge_cycle_steps, swa_model, with_swa_average
+from mergejax.ensembles.swa import (RunPlan, budget_step, equal_budget_plans, fge_cycle_steps, swa_model, training_runs,
+                                    weight_average_model, with_swa_average)
 from mergejax.experiment import experiment_main, unit
+from mergejax.papers import snapshot as paper
 from mergejax.run import num_steps
 
 NAME, ORDER, PRESETS = "snapshot_ensemble", 20, ("tiny", "digits", "smoke", "paper")
+COLUMNS = ("single", "nocycle", "single_cycle", "dropout", "snapshot_a0.1", "snapshot_a0.2")  # Table 1's methods
+EXTRAS = ("true_ensemble", "swa", "fge", "long_teacher", "weight_average")
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     sgd = dict(momentum=0.9, nesterov=True, lr=0.1)  # train: the budget B, batch, optimizer (lr: the single model's); M = num_snapshots
     c = ml_collections.ConfigDict(dict(  # SWA: Izmailov et al. 2018 (CIFAR, lr_init 0.1); starts: fractions of B
-        seeds=(0, 1, 2), num_snapshots=5, alpha0s=(0.1, 0.2), single_cycle_alpha0=0.1, swa_lr=0.05, swa_start=0.5, fge_start=0.5,
-        fge_alpha1=0.05, fge_alpha2=0.0005, eval_batch_size=500))
+        seeds=(0, 1, 2), num_snapshots=5, columns=tuple(c for c in COLUMNS if c != "dropout"), extras=EXTRAS[:3],
+        single_cycle_alpha0=0.1, dropout=0.2, swa_lr=0.05, swa_start=0.5, fge_start=0.5, fge_alpha1=0.05, fge_alpha2=0.0005,
+        eval_batch_size=500, networks=(), datasets=(), budgets={}, no_augment=("svhn_cropped",), table3_ms=()))
     small = dict(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, weight_decay=5e-4, log_every=11, **sgd)
     if preset == "paper":
-        # Huang et al. 2017, Sec. 4: ResNet-110 on CIFAR-10, B = 200 epochs, M = 5 cycles of 40 epochs, batch 64, SGD Nesterov 0.9,
-        # wd 1e-4, augmentation; single model 0.1, /10 at 50%, 75%. SWA (Izmailov et al. 2018), FGE (Garipov et al. 2018): CIFAR settings.
+        # Huang et al. 2017, Sec. 4 (shared/reference/snapshot_ensembles.md): batch 64, SGD Nesterov 0.9, wd 1e-4; single model
+        # 0.1, /10 at 50%, 75%. budgets[dataset][network] = (epochs B, cycles M): CIFAR ResNet-110/WRN-32 200 = 5 x 40, DenseNets
+        # 300 = 6 x 50; SVHN 40 = 5 x 8 on its train split (73,257 images, no 'extra'), no augmentation (CIFAR: pad-crop-flip);
+        # no DenseNet-100 on SVHN in the paper. Dropout column: p = 0.2 (the DenseNet paper's rate). Extras off.
+        cifar = {"resnet110": (200.0, 5), "wrn32_4": (200.0, 5), "densenet40": (300.0, 6), "densenet100": (300.0, 6)}
+        svhn = {k: (40.0, 5) for k in ("resnet110", "wrn32_4", "densenet40")}
         c.update(train=train_config(dataset="cifar10", model="resnet110", batch_size=64, epochs=200.0, weight_decay=1e-4,
-                                    augment=True, log_every=200, **sgd), seeds=(0,))
+                                    augment=True, log_every=200, **sgd), seeds=(0,), num_snapshots=0, columns=COLUMNS, extras=(),
+                 networks=tuple(paper.NETWORKS), datasets=("cifar10", "cifar100", "svhn_cropped"), table3_ms=(2, 4, 6, 8, 10),
+                 budgets={"cifar10": cifar, "cifar100": cifar, "svhn_cropped": svhn})
     elif preset == "smoke":  # seconds: the pipeline end to end (CI), not the method (2 epochs, M = 2, one seed)
         c.update(train=train_config(epochs=2.0, **small), seeds=(0,), num_snapshots=2)
     else:  # tiny: quarter-width SmallCNN (BatchNorm), M = 5 cycles of 3 epochs of 22 steps; a checkpoint every 5 epochs
@@ -46,19 +60,30 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     return c
 
 
-def run_seed(config, data, out_dir: str, seed: int, total: int, sched: dict, progress: bool) -> dict:
-    (train, test), cfg, M, t0, units, finals = data, config.train, config.num_snapshots, time.perf_counter(), {}, {}
-    model = make_model(cfg.model, train.num_classes, **dict(cfg.model_kwargs))
+def plan(config) -> list[dict]:
+    """One row per training run (for ``--dry-run``); a dropout run has the model's ``dropout`` set."""
+    return [cost.plan_row(f"{cell.prefix}seed{seed}/{name}", cell.train, steps=steps, model_kwargs={
+        **cell.train.model_kwargs.to_dict(), **({"dropout": config.dropout} if name == "dropout" else {})})
+        for cell in grid(config) for seed in config.seeds
+        for name, steps in training_runs(cell.methods, cost.train_steps(cell.train), cell.M, alpha0s(cell.methods)).items()]
+
+
+def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, sched: dict, progress: bool) -> dict:
+    (train, test), cfg, M, t0, units, finals = data, cell.train, cell.M, time.perf_counter(), {}, {}
+    want, a0s = set(cell.methods), alpha0s(cell.methods)
+    runs = training_runs(want, total, M, a0s)
+    models = {k: make_model(cfg.model, train.num_classes, **dict(cfg.model_kwargs), **kw) for k, kw in
+              (("", {}), ("dropout", {"dropout": config.dropout})) if k in ("", *runs)}
     ucfg = lambda **deps: {"train": to_dict(cfg), "eval_batch_size": config.eval_batch_size, "seed": seed,  # noqa: E731
                            "num_snapshots": M, **deps}
 
     def do(name, deps, fn):
-        units[name] = unit(out_dir, f"seed{seed}/{name}", ucfg(**deps), fn)
+        units[name] = unit(out_dir, f"{cell.prefix}seed{seed}/{name}", ucfg(**deps), fn)
         if progress:
-            print(f"  seed {seed}: {name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  {cell.prefix}seed {seed}: {name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def train_run(name, run_seed, deps, schedule=None, marks=None, curves={}):  # noqa: B006 (read only)
-        plan = sched[schedule or name]
+        plan, model = sched[schedule or name], models.get(name, models[""])
 
         def fn(workdir):
             tx = schedules.make_optimizer(cfg.optimizer, plan.lr_fn, **{k: cfg[k] for k in ("momentum", "nesterov", "weight_decay",
@@ -78,66 +103,99 @@ def run_seed(config, data, out_dir: str, seed: int, total: int, sched: dict, pro
     def ensemble(name, members, deps):  # final models of other units: in memory if trained in this process
         def fn(workdir):
             t1, snaps = time.perf_counter(), [finals.pop(m, None) or final_snapshot(os.path.join(workdir, "..", m)) for m in members]
-            curve = ensemble_curve(model_apply_fn(model), snaps, test, config.eval_batch_size)
+            curve = ensemble_curve(model_apply_fn(models[""]), snaps, test, config.eval_batch_size)
             return {"curves": {name: curve}, "wall_time_s": time.perf_counter() - t1}
         do(name, deps, fn)
 
-    train_run("single-0", 1000 * seed, {"member": 0}, "single", curves={"single": lambda st, sn: sn[-1:], "nocycle": lambda st, sn: sn})
-    for j in range(1, M):
-        train_run(f"single-{j}", 1000 * seed + j, {"member": j}, "single", marks=(total,))
-    ensemble("true_ensemble", [f"single-{j}" for j in range(M)], {})
-    for j in range(M):
-        train_run(f"single_cycle-{j}", 1000 * seed + 100 + j, {"single_cycle_alpha0": config.single_cycle_alpha0, "member": j})
-    ensemble("single_cycle", [f"single_cycle-{j}" for j in range(M)], {"single_cycle_alpha0": config.single_cycle_alpha0})
-    for a in config.alpha0s:
-        train_run(f"snapshot_{a}", 1000 * seed, {"alpha0": a}, curves={f"snapshot_{a}": lambda st, sn: sn})
-    train_run("swa", 1000 * seed, {k: config[k] for k in ("swa_lr", "swa_start")}, marks=(),  # swa_final_sgd: its last iterate
-              curves={"swa": lambda st, sn: [swa_model(st, train, cfg.batch_size, seed=seed)], "swa_final_sgd": lambda *_: [finals["swa"]]})
-    train_run("fge", 1000 * seed, {k: config[k] for k in ("fge_start", "fge_alpha1", "fge_alpha2")}, curves={"fge": lambda st, sn: sn})
-    losses = {"single": "single-0", **{f"snapshot a0={a}": f"snapshot_{a}" for a in config.alpha0s}, "SWA": "swa", "FGE": "fge"}
+    last = lambda st, sn: sn[-1:]  # noqa: E731
+    if "single-0" in runs:
+        train_run("single-0", 1000 * seed, {"member": 0}, "single", curves={"single": last, "nocycle": lambda st, sn: sn})
+    if "true_ensemble" in want:
+        for j in range(1, M):
+            train_run(f"single-{j}", 1000 * seed + j, {"member": j}, "single", marks=(total,))
+        ensemble("true_ensemble", [f"single-{j}" for j in range(M)], {})
+    if "single_cycle" in want:
+        for j in range(M):
+            train_run(f"single_cycle-{j}", 1000 * seed + 100 + j, {"single_cycle_alpha0": config.single_cycle_alpha0, "member": j})
+        ensemble("single_cycle", [f"single_cycle-{j}" for j in range(M)], {"single_cycle_alpha0": config.single_cycle_alpha0})
+    if "dropout" in runs:
+        train_run("dropout", 1000 * seed, {"dropout": config.dropout}, "single", curves={"dropout": last})
+    wavg = lambda st, sn: [weight_average_model(st, sn, train, cfg.batch_size, seed=seed)]  # noqa: E731
+    for a in a0s:
+        train_run(f"snapshot_{a}", 1000 * seed, {"alpha0": a, **({"weight_average": True} if "weight_average" in want else {})},
+                  curves={f"snapshot_{a}": lambda st, sn: sn, **({f"weight_average_{a}": wavg} if "weight_average" in want else {})})
+    if "swa" in want:  # swa_final_sgd: its last iterate
+        train_run("swa", 1000 * seed, {k: config[k] for k in ("swa_lr", "swa_start")}, marks=(), curves={
+            "swa": lambda st, sn: [swa_model(st, train, cfg.batch_size, seed=seed)], "swa_final_sgd": lambda *_: [finals["swa"]]})
+    if "fge" in want:
+        train_run("fge", 1000 * seed, {k: config[k] for k in ("fge_start", "fge_alpha1", "fge_alpha2")}, curves={"fge": lambda st, sn: sn})
+    if "long_teacher" in want:
+        train_run("long_teacher", 1000 * seed + 300, {"budgets": M}, curves={"long_teacher": last})
+    losses = {"single": "single-0", **{f"snapshot a0={a}": f"snapshot_{a}" for a in a0s}, "SWA": "swa", "FGE": "fge"}
     return {"curves": {k: v for u in units.values() for k, v in u["curves"].items()},
-            "losses": {label: units[name]["losses"] for label, name in losses.items()}, "fge_boundaries": list(sched["fge"].marks),
-            "fge_cycle_steps": fge_cycle_steps(budget_step(config.fge_start, total), total, M),
-            "swa_start": budget_step(config.swa_start, total), "wall_time_s": sum(u["wall_time_s"] for u in units.values())}
+            "losses": {label: units[name]["losses"] for label, name in losses.items() if name in units},
+            **({"fge_boundaries": list(sched["fge"].marks), "fge_cycle_steps": fge_cycle_steps(budget_step(config.fge_start, total),
+                total, M)} if "fge" in want else {}),
+            **({"swa_start": budget_step(config.swa_start, total)} if "swa" in want else {}),
+            "wall_time_s": sum(u["wall_time_s"] for u in units.values())}
+
+
+def run_cell(config, cell: GridCell, data, out_dir: str, progress: bool) -> dict:
+    """Every seed of one grid cell: its summary per method, runs, schedules and Markdown table."""
+    (train, test), M, cfg = data, cell.M, cell.train
+    total, per_epoch = num_steps(cfg, len(train))
+    sched = equal_budget_plans(total, per_epoch, M, cfg.lr, alpha0s=alpha0s(cell.methods), **{k: config[k] for k in (
+        "single_cycle_alpha0", "swa_lr", "swa_start", "fge_start", "fge_alpha1", "fge_alpha2")})
+    sched["long_teacher"] = RunPlan(schedules.step_decay(cfg.lr, M * total), (M * total,), M * total)
+    runs = {seed: run_seed(config, cell, data, out_dir, seed, total, sched, progress) for seed in config.seeds}
+    rows = method_rows(cell, config.dropout)
+    summary = {key: curve_summary([runs[s]["curves"][key] for s in config.seeds]) for key, _, _ in rows}
+    fmt = lambda s, digits=2: f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"  # noqa: E731 (report.fmt_mean_std of a summary)
+    table_rows = [{"method": label, "budgets": cost_, "members": (x := summary[key])["members"],
+                   "test error % (soft avg)": fmt(x["error_pct"]), "NLL": fmt(x["nll"], 3),
+                   "hard-vote error %": fmt(x["vote_error_pct"]) if x["members"] > 1 else "",
+                   "last member alone %": fmt(x["error_vs_m_pct"][0])} for key, label, cost_ in rows]
+    table = (f"`{cfg.model}` ({dict(cfg.model_kwargs)}) on `{cfg.dataset}`, budget B = {total} steps "
+             f"({total / per_epoch:.1f} epochs, batch {cfg.batch_size}), M = {M}; mean ± std over seeds "
+             f"{list(config.seeds)}; test set of {len(test)} examples. Ensembles average softmax outputs of their members.\n\n"
+             + report.markdown_table(table_rows))
+    err = {a: summary[f"snapshot_{a}"]["error_pct"] for a in alpha0s(cell.methods)}
+    if err and "single" in summary:
+        best, single = min(err, key=lambda a: err[a]["mean"]), summary["single"]["error_pct"]
+        verdicts = ", ".join(f"a0 = {a}: {'beats' if err[a]['mean'] < single['mean'] else 'does not beat'}" for a in err)
+        table += (f"\nSnapshot ensemble (best a0 = {best}): {err[best]['mean']:.2f} ± {err[best]['std']:.2f} % vs single model "
+                  f"{single['mean']:.2f} ± {single['std']:.2f} % at equal cost ({verdicts} the single model on the mean).\n")
+    return {"budget_steps": total, "steps_per_epoch": per_epoch, "summary": summary, "rows": rows, "sched": sched, "table": table,
+            "runs": runs, "snapshot_boundaries": list(schedules.snapshot_boundaries(total, M)), "cell": cell}
 
 
 def run(config, out_dir: str, progress: bool = True) -> dict:
-    (train, test), M = (data_lib.load(config.train.dataset, split) for split in ("train", "test")), config.num_snapshots
-    total, per_epoch = num_steps(config.train, len(train))
-    sched = equal_budget_plans(total, per_epoch, M, config.train.lr, alpha0s=tuple(config.alpha0s), **{k: config[k] for k in (
-        "single_cycle_alpha0", "swa_lr", "swa_start", "fge_start", "fge_alpha1", "fge_alpha2")})
-    runs = {seed: run_seed(config, (train, test), out_dir, seed, total, sched, progress) for seed in config.seeds}
-    rows = [("single", "Single model (step schedule)", 1), ("nocycle", "NoCycle snapshot ensemble", 1),
-            ("single_cycle", "Single-Cycle ensemble", 1), *[(f"snapshot_{a}", f"Snapshot ensemble a0={a}", 1) for a in config.alpha0s],
-            ("swa_final_sgd", "SWA run, last iterate", 1), ("swa", "SWA (BN re-estimated)", 1), ("fge", "FGE", 1),
-            ("true_ensemble", "True ensemble", M)]
-    summary = {key: curve_summary([runs[s]["curves"][key] for s in config.seeds]) for key, _, _ in rows}
-    fmt = lambda s, digits=2: f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"  # noqa: E731 (report.fmt_mean_std of a summary)
-    table_rows = [{"method": label, "budgets": cost, "members": (x := summary[key])["members"],
-                   "test error % (soft avg)": fmt(x["error_pct"]), "NLL": fmt(x["nll"], 3),
-                   "hard-vote error %": fmt(x["vote_error_pct"]) if x["members"] > 1 else "",
-                   "last member alone %": fmt(x["error_vs_m_pct"][0])} for key, label, cost in rows]
-    err = {a: summary[f"snapshot_{a}"]["error_pct"] for a in config.alpha0s}
-    best, single = min(config.alpha0s, key=lambda a: err[a]["mean"]), summary["single"]["error_pct"]
-    verdicts = ", ".join(f"a0 = {a}: {'beats' if err[a]['mean'] < single['mean'] else 'does not beat'}" for a in config.alpha0s)
-    table = (f"`{config.train.model}` ({dict(config.train.model_kwargs)}) on `{config.train.dataset}`, budget B = {total} steps "
-             f"({total / per_epoch:.1f} epochs, batch {config.train.batch_size}), M = {M}; mean ± std over seeds "
-             f"{list(config.seeds)}; test set of {len(test)} examples. Ensembles average softmax outputs of their members.\n\n"
-             + report.markdown_table(table_rows)
-             + f"\nSnapshot ensemble (best a0 = {best}): {err[best]['mean']:.2f} ± {err[best]['std']:.2f} % vs single model "
-             f"{single['mean']:.2f} ± {single['std']:.2f} % at equal cost ({verdicts} the single model on the mean).\n")
-    t, first = np.arange(total), runs[config.seeds[0]]["losses"]
+    loaded, done = {}, []
+    for cell in grid(config):
+        ds = cell.train.dataset
+        data = loaded.setdefault(ds, tuple(data_lib.load(ds, split) for split in ("train", "test")))
+        done.append(run_cell(config, cell, data, out_dir, progress))
+    first, published = done[0], papers.cells("snapshot", "table1") + (papers.cells("snapshot", "table3") if config.table3_ms else ())
+    comparison = papers.side_by_side(published, paper_values([(r["cell"], r["summary"]) for r in done], tuple(config.table3_ms)))
+    rows, sched, M, total, seeds = first["rows"], first["sched"], first["cell"].M, first["budget_steps"], config.seeds
+    table = ("\n".join(f"### `{r['cell'].prefix.rstrip('/')}`\n\n{r['table']}" for r in done) if len(done) > 1 else first["table"])
+    table += "\n" + papers.markdown(comparison)
+    t, losses, runs = np.arange(total), first["runs"][seeds[0]]["losses"], training_runs(first["cell"].methods, total, M)
     vs_m = lambda p: ([1, M], [p[0]["mean"]] * 2) if len(p) == 1 else (list(range(1, len(p) + 1)), [x["mean"] for x in p])  # noqa: E731
     plots = [report.plot_curves(os.path.join(out_dir, "lr_schedules.png"), {k: (t + 1, np.asarray(jax.vmap(v.lr_fn)(t))) for k, v in
-                                sched.items() if not k.startswith("single_cycle")}, xlabel="iteration t", ylabel="learning rate"),
+                                sched.items() if k == "single" or k in runs and not k.startswith("single_cycle")},
+                                xlabel="iteration t", ylabel="learning rate"),
              report.plot_curves(os.path.join(out_dir, "train_loss.png"), {k: ([h["step"] for h in v], [h["loss"] for h in v])
-                                for k, v in first.items()}, xlabel="step", ylabel="training loss (first seed)", logy=True),
-             report.plot_curves(os.path.join(out_dir, "error_vs_m.png"), {lab: vs_m(summary[k]["error_vs_m_pct"]) for k, lab, _ in rows},
-                                xlabel="m (ensemble of the last m members)", ylabel="test error % (mean over seeds)")]
-    results = {"experiment": NAME, "config": to_dict(config), "budget_steps": total, "steps_per_epoch": per_epoch, "summary": summary,
-               "runs": {str(s): {k: v for k, v in r.items() if k != "losses"} for s, r in runs.items()},
-               "snapshot_boundaries": list(schedules.snapshot_boundaries(total, M)), "plots": [os.path.basename(p) for p in plots],
-               "wall_time_s": sum(r["wall_time_s"] for r in runs.values()), "device_kind": jax.devices()[0].device_kind}  # wall: all units
+                                for k, v in losses.items()}, xlabel="step", ylabel="training loss (first seed)", logy=True),
+             report.plot_curves(os.path.join(out_dir, "error_vs_m.png"), {lab: vs_m(first["summary"][k]["error_vs_m_pct"])
+                                for k, lab, _ in rows}, xlabel="m (ensemble of the last m members)", ylabel="test error % (mean over seeds)")]
+    keep = lambda r: {"budget_steps": r["budget_steps"], "steps_per_epoch": r["steps_per_epoch"], "summary": r["summary"],  # noqa: E731
+                      "runs": {str(s): {k: v for k, v in x.items() if k != "losses"} for s, x in r["runs"].items()},
+                      "snapshot_boundaries": r["snapshot_boundaries"]}
+    results = {"experiment": NAME, "config": to_dict(config), **keep(first), "plots": [os.path.basename(p) for p in plots],
+               "wall_time_s": sum(x["wall_time_s"] for r in done for x in r["runs"].values()),  # wall: all units
+               "device_kind": jax.devices()[0].device_kind, "paper_comparison": comparison,
+               **({"cells": {r["cell"].prefix.rstrip("/"): keep(r) for r in done}} if len(done) > 1 else {})}
     report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": plots}
 

@@ -16,7 +16,7 @@ import sys
 
 import ml_collections
 
-from mergejax import report
+from mergejax import cost, report
 from mergejax.config import replace, to_dict, train_config
 from mergejax.experiment import experiment_main, unit
 from mergejax.run import train_and_evaluate
@@ -42,6 +42,11 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                                weight_decay=1e-4, schedule="step", step_boundaries=(0.5, 0.75), augment=True,
                                log_every=200, eval_every=2000, checkpoint_every=2000)
     return c
+
+
+def plan(config: ml_collections.ConfigDict) -> list[dict]:
+    """One training run per seed (for ``--dry-run``)."""
+    return [cost.plan_row(f"seed{seed}", config.train) for seed in config.seeds]
 
 
 def train_unit(cfg: ml_collections.ConfigDict, progress: bool):

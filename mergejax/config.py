@@ -3,7 +3,8 @@
 An experiment's ``get_config(preset)`` returns a ConfigDict (big_vision / Flax examples
 style); the command line overrides any key with ``key=value`` (dotted paths reach nested
 dicts) and ``--list-config`` prints every key with its value and type. ConfigDicts are
-type-safe: ``lr=abc`` on a float key is refused, ints widen to floats.
+type-safe: ``lr=abc`` on a float key is refused, ints widen to floats, whole floats (``32.0``,
+``64e3``) narrow to int keys and ``batch_size=1.5`` is refused as not a whole number.
 
 :func:`train_config` is the one description of a supervised training run, used by every
 pillar's experiment (a merge's fine-tuning, a snapshot run, a FreezeOut sweep point).
@@ -81,7 +82,9 @@ def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> m
 
     Values are Python literals (``ast.literal_eval``); anything else is kept as a string.
     An unknown key raises ``KeyError`` listing the valid ones; a value of the wrong type
-    raises ``TypeError`` naming the key (ConfigDict's type safety; ints widen to floats).
+    raises ``TypeError`` naming the key (ConfigDict's type safety). Numbers are taken as people
+    type them: an int widens to a float key, a float with a whole value (``32.0``, ``64e3``)
+    narrows to an int key, and any other float on an int key is refused.
     """
     config = copy.deepcopy(config)
     for item in assignments:
@@ -112,6 +115,10 @@ def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> m
             value = tuple(value)
         if isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, bool):
             raise TypeError(f"config key {key!r} expects {type(current).__name__}, got {value!r}")
+        if kind is int and isinstance(value, float):  # numbers as people type them: steps=64e3, batch_size=32.0
+            if not value.is_integer():
+                raise TypeError(f"config key {key!r} expects int, got {value!r}: it needs a whole number")
+            value = int(value)
         try:
             node[leaf] = value
         except TypeError as e:

@@ -4,7 +4,12 @@ An experiment script defines ``NAME``, ``ORDER`` (its place in the report), ``PR
 (the preset names), ``get_config(preset) -> ml_collections.ConfigDict`` and ``run(config,
 out_dir, progress)`` returning ``{'results', 'table', 'plots'}``. Its ``main`` is
 ``experiment_main(argv, module)``, which gives every experiment the same command line:
-``--preset``, ``--set key=value`` (repeatable), ``--list-config``, ``--out``, ``--overwrite``.
+``--preset``, ``--set key=value`` (repeatable), ``--list-config``, ``--out``, ``--overwrite``,
+``--dry-run`` (with ``--device-peak-tflops``, ``--utilisation``).
+
+``--dry-run`` trains nothing and writes nothing: it calls the module's ``plan(config)`` (one
+row per training run, see :mod:`mergejax.cost`), prints each run's steps, batch and XLA FLOPs
+per step, the totals and the GPU-hours they take at a stated peak and utilisation.
 
 ``run_experiment`` opens ``out_dir`` as a :class:`~mergejax.core.rundir.RunDir` whose manifest is
 the resolved config: re-running the same command resumes, another config is refused in one
@@ -24,7 +29,9 @@ import time
 from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
+from mergejax import cost
 from mergejax.core import rundir
+from mergejax.core.errors import UserError
 from mergejax.config import format_config, override, to_dict
 
 
@@ -72,7 +79,71 @@ def parser(name: str, presets: Sequence[str], description: str = "") -> argparse
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    add_dry_run_arguments(p)
     return p
+
+
+def add_dry_run_arguments(p: argparse.ArgumentParser) -> None:
+    """``--dry-run``, ``--device-peak-tflops``, ``--utilisation`` (shared with reproduce.py)."""
+    devices = "; ".join(f"{k} {v:g}" for k, v in cost.PEAK_TFLOPS.items())
+    p.add_argument("--dry-run", action="store_true",
+                   help="train nothing, write nothing: print the planned runs, XLA FLOPs per step and estimated GPU-hours")
+    p.add_argument("--device-peak-tflops", type=float, default=cost.PEAK_TFLOPS[cost.DEFAULT_DEVICE],
+                   help=f"peak TFLOP/s for --dry-run (default {cost.DEFAULT_DEVICE}, "
+                        f"{cost.PEAK_TFLOPS[cost.DEFAULT_DEVICE]:g}; datasheet values: {devices})")
+    p.add_argument("--utilisation", type=float, default=cost.DEFAULT_UTILISATION,
+                   help=f"fraction of the peak a step sustains, for --dry-run (default {cost.DEFAULT_UTILISATION:g})")
+
+
+def device_label(peak_tflops: float) -> str:
+    """``'67 TFLOP/s (H100 SXM fp32)'``: the peak and the table device it is, if any."""
+    names = [k for k, v in cost.PEAK_TFLOPS.items() if v == peak_tflops]
+    return f"{peak_tflops:g} TFLOP/s" + (f" ({names[0]})" if names else "")
+
+
+def plan_rows(module: ModuleType, config: Any) -> list[dict]:
+    """``module.plan(config)`` with every row checked; a module without ``plan`` is refused in one line."""
+    if not callable(getattr(module, "plan", None)):
+        raise UserError(f"experiment {module.NAME} has no plan(config), so --dry-run cannot estimate it")
+    return [cost.check_row(r, f"{module.NAME}.plan") for r in module.plan(config)]
+
+
+def dry_run(module: ModuleType, config: Any, *, peak_tflops: float, utilisation: float, cache: dict | None = None,
+            echo: Callable[[str], None] = print) -> dict:
+    """Print ``module``'s planned runs and their cost; train nothing, write nothing.
+
+    Returns ``{'rows': [... with 'flops_per_step', 'total_flops'], 'steps', 'flops', 'gpu_hours'}``.
+    ``cache`` (a dict the caller keeps across experiments) holds one FLOP count per distinct
+    (model, kwargs, dataset, batch).
+    """
+    cost.gpu_hours(0.0, peak_tflops * 1e12, utilisation)  # refuse a bad peak or utilisation before tracing anything
+    cache = {} if cache is None else cache
+    rows = []
+    for r in plan_rows(module, config):
+        per_step = cost.row_flops(r, cache)
+        rows.append({**r, "flops_per_step": per_step, "total_flops": per_step * r["steps"]})
+    steps, flops = sum(r["steps"] for r in rows), sum(r["total_flops"] for r in rows)
+    hours = cost.gpu_hours(flops, peak_tflops * 1e12, utilisation)
+    echo(format_plan(module.NAME, rows))
+    echo(f"{module.NAME} total: {len(rows)} run(s), {steps:,} steps, {flops:.3e} FLOPs, "
+         f"{hours:.4g} GPU-hours at {device_label(peak_tflops)} x {utilisation:g} utilisation")
+    return {"rows": rows, "steps": steps, "flops": flops, "gpu_hours": hours}
+
+
+def format_plan(name: str, rows: Sequence[Mapping]) -> str:
+    """The dry-run table: one line per planned run."""
+    head = ("run", "model", "dataset", "steps", "batch", "FLOPs/step", "total FLOPs")
+    body = [(f"{name}/{r['name']}", _model_label(r), r["dataset"], f"{r['steps']:,}", str(r["batch_size"]),
+             f"{r['flops_per_step']:.3e}", f"{r['total_flops']:.3e}") for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(head), *(line(b) for b in body)])
+
+
+def _model_label(row: Mapping) -> str:
+    kw = ",".join(f"{k}={v}" for k, v in sorted(row["model_kwargs"].items()))
+    wf = f" x{row['width_factor']:g} wide" if row.get("width_factor", 1.0) != 1.0 else ""
+    return f"{row['model']}({kw}){wf}" if kw else f"{row['model']}{wf}"
 
 
 def experiment_args(argv: Sequence[str] | None, module: ModuleType):
@@ -96,6 +167,10 @@ def experiment_main(argv: Sequence[str] | None, module: ModuleType) -> int:
             print(format_config(config))
             return 0
         quiet_libraries()
+        if args.dry_run:  # before anything that creates out_dir or the compilation cache
+            dry_run(module, config, peak_tflops=args.device_peak_tflops, utilisation=args.utilisation)
+            print(f"dry run: nothing trained, nothing written to {out_dir}")
+            return 0
         enable_compilation_cache()
         out = run_experiment(module, config, out_dir, progress=progress, overwrite=args.overwrite, preset=preset)
         print(out["table"])

@@ -14,7 +14,7 @@ import pytest
 from mergejax.core import loop, optim
 from mergejax.core import train as train_lib
 from mergejax.core import data as data_lib
-from mergejax.core.models import init_variables, make_model
+from mergejax.core.models import MLP, init_variables, make_model
 
 
 def _leaves_equal(a, b, **tol):
@@ -38,7 +38,8 @@ def test_jitted_init_matches_eager_linen_init(name, kw, shape):
 
 
 def test_init_with_unhashable_model_field_falls_back_to_eager():
-    model = make_model("mlp", 10, hidden=[16, 8])  # a list, as `--set model_kwargs.hidden=[16,8]` gives
+    assert hash(make_model("mlp", 10, hidden=[16, 8])) == hash(make_model("mlp", 10, hidden=(16, 8)))  # lists -> tuples
+    model = MLP(10, hidden=[16, 8])  # a list field built by hand: unhashable
     with pytest.raises(TypeError):
         hash(model)
     params, _ = init_variables(model, jax.random.key(0), (1, 64))
@@ -51,7 +52,7 @@ def test_apply_fn_is_equal_for_equal_models_and_fresh_for_unhashable():
     fa, fb = train_lib.model_apply_fn(a), train_lib.model_apply_fn(b)
     assert fa is not fb and fa == fb and hash(fa) == hash(fb)  # equal by value, no cache
     assert fa != train_lib.model_apply_fn(make_model("cnn", 10, width=0.5))
-    lst = make_model("mlp", 10, hidden=[4])
+    lst = MLP(10, hidden=[4])
     f, g = train_lib.model_apply_fn(lst), train_lib.model_apply_fn(lst)
     assert f is not g  # no cache, but both work
     params, stats = init_variables(lst, jax.random.key(0), (2, 64))

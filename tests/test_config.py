@@ -35,6 +35,22 @@ def test_override_types():
     assert train_config().lr == 0.1 and train_config().model_kwargs.to_dict() == {}  # defaults untouched
 
 
+def test_numbers_as_people_type_them():
+    # An int key takes a float with a whole value as that int; a float key takes an int.
+    c = outer()
+    c.max_stages = placeholder(int)
+    c.train.model_kwargs.depth = 20
+    cfg = override(c, ["train.batch_size=32.0", "train.steps=64e3", "train.lr=1", "train.momentum=0.5",
+                       "max_stages=3.0", "train.model_kwargs.depth=110.0", "train.seed=-2.0"])
+    assert (cfg.train.batch_size, cfg.train.steps, cfg.max_stages, cfg.train.model_kwargs.depth, cfg.train.seed) == (32, 64000, 3, 110, -2)
+    assert all(type(v) is int for v in (cfg.train.batch_size, cfg.train.steps, cfg.max_stages, cfg.train.model_kwargs.depth, cfg.train.seed))
+    assert (cfg.train.lr, cfg.train.momentum) == (1.0, 0.5) and type(cfg.train.lr) is float
+    for item in ("max_stages=2.5", "train.model_kwargs.depth=20.5", "train.log_every=1e-3"):
+        key = item.split("=")[0]
+        with pytest.raises(TypeError, match=f"'{key}' expects int, got .*: it needs a whole number"):
+            override(c, [item])
+
+
 def test_nested_keys_and_copies():
     base = outer()
     cfg = override(base, ["train.lr=0.05", "train.model_kwargs.width=2", "seeds=(0, 1, 2)", "note=hello world"])
@@ -57,6 +73,9 @@ def test_nested_keys_and_copies():
         ("train.bogus=1", KeyError, "unknown config key 'train.bogus'"),
         ("train.model_kwargs.a.b=1", KeyError, "no 'train.model_kwargs.a'"),
         ("train.batch_size=1.5", TypeError, "'train.batch_size' expects int, got 1.5"),
+        ("train.steps=0.5", TypeError, "'train.steps' expects int, got 0.5: it needs a whole number"),
+        ("train.batch_size=1e400", TypeError, "'train.batch_size' expects int, got inf: it needs a whole number"),
+        ("train.augment=1.0", TypeError, "'train.augment' expects bool"),
         ("train.lr=fast", TypeError, "'train.lr' expects float, got 'fast'"),
         ("train.augment=1", TypeError, "'train.augment' expects bool"),
         ("train.lr=True", TypeError, "'train.lr' expects float, got True"),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mergejax.core.models import MODELS, apply_model, count_params, init_variables, make_model
+from mergejax.core.models import MODELS, ResNet, apply_model, count_params, init_variables, make_model
 
 CIFAR = (2, 32, 32, 3)
 DIGITS = (2, 8, 8, 1)
@@ -149,7 +149,7 @@ def test_layer_names_are_the_top_level_keys(name):
     assert set(stats) <= set(names)
     # forward order: indices are consecutive within each family (stage1_block0, 1, ...; conv0, conv1, ...)
     if name.startswith(("resnet", "wrn")):
-        n = (model.depth - 2) // 6 if name.startswith("resnet") else (model.depth - 4) // 6
+        n = (model.depth - 2) // 6 if isinstance(model, ResNet) else (model.depth - 4) // 6  # wrn32_4 is a wide ResNet-32
         assert names == ("stem",) + tuple(f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(n)) + ("head",)
 
 

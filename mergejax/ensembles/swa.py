@@ -239,3 +239,41 @@ def equal_budget_plans(total_steps: int, steps_per_epoch: int, num_snapshots: in
     for j, n in enumerate(b - a for a, b in zip(starts, starts[1:])):
         plans[f"single_cycle-{j}"] = RunPlan(schedules.snapshot_cosine(single_cycle_alpha0, n, 1), (n,), n)
     return plans
+
+
+def training_runs(methods, total_steps: int, num_snapshots: int, alpha0s: tuple = ()) -> dict[str, int]:
+    """The training runs (name -> optimizer steps) that the rows ``methods`` of an equal-budget
+    comparison need, in the order they are trained; names as :func:`equal_budget_plans` plus
+    ``single-<j>`` (members of the true ensemble), ``dropout`` and ``long_teacher``.
+
+    ``single`` and ``nocycle`` share the run ``single-0``; ``true_ensemble`` needs ``single-0`` ..
+    ``single-<M-1>`` (M budgets); ``single_cycle`` M one-cycle runs whose lengths sum to B;
+    ``snapshot_<a0>`` (and ``weight_average``, read from the same snapshots) one run per ``a0``;
+    ``long_teacher`` one single-model run of M budgets (the FLOPs of the true ensemble).
+    """
+    T, M, want, runs = total_steps, num_snapshots, set(methods), {}
+    if want & {"single", "nocycle", "true_ensemble"}:
+        runs["single-0"] = T
+    if "true_ensemble" in want:
+        runs.update({f"single-{j}": T for j in range(1, M)})
+    if "single_cycle" in want:
+        starts = schedules.cycle_starts(T, M)
+        runs.update({f"single_cycle-{j}": b - a for j, (a, b) in enumerate(zip(starts, starts[1:]))})
+    if "dropout" in want:
+        runs["dropout"] = T
+    runs.update({f"snapshot_{a}": T for a in alpha0s})
+    runs.update({k: T for k in ("swa", "fge") if k in want})
+    if "long_teacher" in want:
+        runs["long_teacher"] = M * T
+    return runs
+
+
+def weight_average_model(state, snapshots, split: data_lib.Split, batch_size: int = 128, *, seed: int = 0) -> dict:
+    """The uniform average of the snapshots' parameters with BatchNorm statistics re-estimated on
+    ``split`` (:func:`recompute_batch_stats`): the weight average Huang et al. 2017 report to be
+    much worse than the ensemble of the same snapshots' predictions."""
+    params = trees.RunningMean()
+    for s in snapshots:
+        params.add(s["params"])
+    return {"params": params.mean,
+            "batch_stats": recompute_batch_stats(state.apply_fn, params.mean, state.batch_stats, split, batch_size, seed=seed)}

@@ -22,7 +22,7 @@ from mergejax.core.trees import path_tuple
 from mergejax.core.units import UnitSpec, check_spec, take_units
 from mergejax.merging.gates import deterministic
 
-__all__ = ["keep_index", "fold_gates", "compress", "compressed_spec"]
+__all__ = ["keep_index", "fold_gates", "compress"]
 
 
 def keep_index(log_alphas: Mapping[str, jax.Array], spec: UnitSpec, fraction: float = 0.5) -> dict[str, np.ndarray]:
@@ -56,10 +56,6 @@ def fold_gates(variables: Any, gates: Mapping[str, jax.Array], spec: UnitSpec) -
         return leaf
 
     return jax.tree_util.tree_map_with_path(one, variables)
-
-
-def compressed_spec(spec: UnitSpec, keep: Mapping[str, np.ndarray]) -> UnitSpec:
-    return UnitSpec({g: len(keep[g]) if g in keep else n for g, n in spec.groups.items()}, dict(spec.axes))
 
 
 def compress(big_vars: Any, log_alphas: Mapping[str, jax.Array], spec: UnitSpec, fraction: float = 0.5) -> tuple[Any, dict]:

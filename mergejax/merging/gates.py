@@ -75,19 +75,27 @@ def init_log_alpha(rng: jax.Array, spec: UnitSpec, mean: float = 3.0, std: float
     return {g: mean + std * jax.random.normal(k, (n,)) for k, (g, n) in zip(keys, sorted(spec.groups.items()))}
 
 
-def lambda_values(lam0: float, c: float, epochs: int) -> np.ndarray:
-    """lambda per epoch: lambda_0 = lam0, lambda_{e+1} = lambda_e + c sqrt(lambda_e); (epochs,)."""
+def lambda_values(lam0: float, c: float, epochs: int, *, update_first: bool = False) -> np.ndarray:
+    """lambda per epoch, growing by lambda <- lambda + c sqrt(lambda) once per epoch; (epochs,).
+
+    ``update_first=False``: epoch 0 uses lam0 (lambda_0 = lam0, lambda_{e+1} = lambda_e + c sqrt(lambda_e)).
+    ``update_first=True``: the update runs *before* every epoch, the first included, as the
+    authors' code does (fmfi-compbio/neural-network-merging): epoch 0 already uses
+    lam0 + c sqrt(lam0), e.g. 0.0612 for (0.05, 0.05), and epoch 100 uses 7.2496 (7.116 without).
+    """
     lam = [float(lam0)]
-    for _ in range(max(0, epochs - 1)):
+    for _ in range(max(0, epochs - 1 + int(update_first))):
         lam.append(lam[-1] + c * math.sqrt(lam[-1]))
+    lam = lam[1:] if update_first else lam
     return np.asarray(lam[:max(epochs, 0)], np.float32)
 
 
 @value_equal
-def lambda_schedule(lam0: float, c: float, steps_per_epoch: int, epochs: int):
+def lambda_schedule(lam0: float, c: float, steps_per_epoch: int, epochs: int, update_first: bool = False):
     """optax-style schedule ``step -> lambda`` constant within an epoch (the last epoch's value
-    after the end). Equal arguments give equal schedules (one compiled gate step)."""
-    values = jnp.asarray(lambda_values(lam0, c, max(1, epochs)))
+    after the end); ``update_first``: see :func:`lambda_values`. Equal arguments give equal
+    schedules (one compiled gate step)."""
+    values = jnp.asarray(lambda_values(lam0, c, max(1, epochs), update_first=update_first))
 
     def schedule(step):
         e = jnp.minimum(jnp.asarray(step) // steps_per_epoch, values.shape[0] - 1)

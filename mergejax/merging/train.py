@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from mergejax.core.optim import make_optimizer, value_equal
-from mergejax.core.train import TrainState
+from mergejax.core.train import TrainState, softmax_loss
 from mergejax.core.units import UnitSpec
 from mergejax.merging import gates as G
 
@@ -111,7 +111,7 @@ class GateLoss:
 
     def __call__(self, logits, labels, weights, params, step):
         share = weights.sum()
-        ce = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * weights)
+        ce, _ = softmax_loss(logits, labels, weights, params, step)
         lam = jnp.asarray(self.lambda_fn(step), ce.dtype)
         half = G.total_l_half(params["gates"])
         p_open = jnp.mean(jnp.concatenate([G.prob_open(a) for a in params["gates"].values()]))

@@ -7,6 +7,7 @@ import functools
 import flax.linen as nn
 
 from mergejax.core.models.core import apply_model, count_params, init_variables, run_layers, scaled
+from mergejax.core.models.densenet import DenseNet
 from mergejax.core.models.mlp import MLP, SmallCNN
 from mergejax.core.models.resnet import ResNet, WideResNet
 from mergejax.core.models.vgg import VGG
@@ -19,17 +20,31 @@ MODELS = {
     "wrn": WideResNet,
     "vgg": VGG,
     **{f"vgg{d}": functools.partial(VGG, depth=d) for d in (11, 13, 16, 19)},
+    # The papers' networks (docs in each class):
+    # snapshot ensembles (Huang et al. 2017) Table 1: "Wide-ResNet-32" = ResNet-32 with every conv 4x wider.
+    "wrn32_4": functools.partial(ResNet, depth=32, widen=4),
+    # DenseNet-40 (k=12) and DenseNet-100 (k=24), basic layers, no compression; their single-model errors in
+    # the snapshot paper (5.24 / 24.42, 3.74 / 19.25) are the DenseNet paper's rows for these basic networks.
+    "densenet40": functools.partial(DenseNet, depth=40, growth=12),
+    "densenet100": functools.partial(DenseNet, depth=100, growth=24),
+    # FreezeOut's default: DenseNet-BC L=76, k=12 (bottleneck, compression 0.5; ajbrock/FreezeOut densenet.py).
+    "densenet_bc76": functools.partial(DenseNet, depth=76, growth=12, bottleneck=True, compression=0.5),
+    # The merging paper's CIFAR-10 VGG-11: conv-ReLU, no BatchNorm, no biases (authors' cifar10_vgg11/teacher.py).
+    "vgg11_nobn": functools.partial(VGG, depth=11, norm=False, bias=False),
 }
 
 
 def make_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build a model by name, e.g. ``make_model('resnet20', 10, width=2.0)``."""
+    """Build a model by name, e.g. ``make_model('resnet20', 10, width=2.0)``. List arguments
+    (``--set model_kwargs.hidden=[16,8]``) become tuples, so the model is hashable and equal
+    configs share compiled steps."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
 __all__ = [
-    "MLP", "SmallCNN", "ResNet", "WideResNet", "VGG", "MODELS", "make_model",
+    "MLP", "SmallCNN", "ResNet", "WideResNet", "VGG", "DenseNet", "MODELS", "make_model",
     "init_variables", "apply_model", "count_params", "run_layers", "scaled",
 ]

@@ -47,11 +47,13 @@ def run_layers(layers: Sequence[Callable], x: jax.Array, train: bool, frozen: in
 
 
 class Head(nn.Module):
-    """Optional BN-ReLU, global average pool over (H, W) if the input is 4-D, then Dense."""
+    """Optional BN-ReLU, global average pool over (H, W) if the input is 4-D, then Dense
+    (with a bias unless ``use_bias=False``)."""
 
     num_classes: int
     pre_norm: bool = False
     bn_axis_name: str | None = None  # synchronised BN over this named axis (see batch_norm)
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -59,7 +61,7 @@ class Head(nn.Module):
             x = nn.relu(batch_norm(train, name="bn", axis_name=self.bn_axis_name)(x))
         if x.ndim == 4:
             x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="dense")(x)
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="dense")(x)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> tuple[Params, Params]:

@@ -14,17 +14,20 @@ def _conv(features, kernel, strides, name):
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, then ReLU. The shortcut is the identity, or a
-    1x1 conv + BN projection when the stride or channel count changes (option B)."""
+    """conv3x3-BN-ReLU-[dropout]-conv3x3-BN + shortcut, then ReLU. The shortcut is the identity,
+    or a 1x1 conv + BN projection when the stride or channel count changes (option B).
+    Dropout sits between the two convs, where Wide-ResNets put it."""
 
     features: int
     strides: int = 1
     bn_axis_name: str | None = None
+    dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         ax = self.bn_axis_name
         y = nn.relu(batch_norm(train, name="bn1", axis_name=ax)(_conv(self.features, 3, self.strides, "conv1")(x)))
+        y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = batch_norm(train, name="bn2", axis_name=ax)(_conv(self.features, 3, 1, "conv2")(y))
         if self.strides != 1 or x.shape[-1] != self.features:
             x = batch_norm(train, name="proj_bn", axis_name=ax)(_conv(self.features, 1, self.strides, "proj_conv")(x))
@@ -67,34 +70,39 @@ def _stage_plan(n: int, widths):
 
 class ResNet(nn.Module):
     """CIFAR ResNet-(6n+2): ``stem`` (conv 16), 3 stages of n BasicBlocks with 16/32/64
-    channels (x ``width``), ``head`` (global average pool + Dense).
+    channels (x ``widen`` x ``width``), ``head`` (global average pool + Dense).
 
     depth 20/32/44/56/110 -> n = 3/5/7/9/18. Input (B, 32, 32, 3) -> (B, num_classes).
-    ``bn_axis_name``: synchronised BatchNorm over that named axis (None: per-device).
+    ``widen=4``, depth 32: the snapshot-ensembles paper's "Wide-ResNet-32" (every conv, the
+    stem included, 4x wider; post-activation blocks as in fb.resnet.torch). ``dropout`` > 0
+    needs a ``'dropout'`` rng in training. ``bn_axis_name``: synchronised BatchNorm over that
+    named axis (None: per-device).
     """
 
     num_classes: int
     depth: int = 20
     width: float = 1.0
     bn_axis_name: str | None = None
+    widen: int = 1
+    dropout: float = 0.0
 
     def _plan(self):
         if (self.depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {self.depth}")
-        return _stage_plan((self.depth - 2) // 6, [scaled(c, self.width) for c in (16, 32, 64)])
+        return _stage_plan((self.depth - 2) // 6, [scaled(c * self.widen, self.width) for c in (16, 32, 64)])
 
     def layer_names(self) -> tuple[str, ...]:
         return ("stem",) + tuple(name for name, _, _ in self._plan()) + ("head",)
 
     def unit_table(self) -> tuple:
         """See :func:`residual_table`."""
-        return residual_table(scaled(16, self.width), self._plan(), pre_act=False)
+        return residual_table(scaled(16 * self.widen, self.width), self._plan(), pre_act=False)
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
         ax = self.bn_axis_name
-        layers = [ConvBNReLU(scaled(16, self.width), bn_axis_name=ax, name="stem")]
-        layers += [BasicBlock(f, s, bn_axis_name=ax, name=name) for name, f, s in self._plan()]
+        layers = [ConvBNReLU(scaled(16 * self.widen, self.width), bn_axis_name=ax, name="stem")]
+        layers += [BasicBlock(f, s, bn_axis_name=ax, dropout=self.dropout, name=name) for name, f, s in self._plan()]
         return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, name="head")], x, train, frozen)
 
 

@@ -1,10 +1,10 @@
-"""VGG for CIFAR (Simonyan & Zisserman 2015, configurations A/B/D/E), with BatchNorm."""
+"""VGG for CIFAR (Simonyan & Zisserman 2015, configurations A/B/D/E), with or without BatchNorm."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 
-from mergejax.core.models.core import Head, run_layers, scaled
+from mergejax.core.models.core import Head, conv_init, run_layers, scaled
 from mergejax.core.models.mlp import ConvBNReLU, conv_stack_table
 
 # Channels per conv; "M" = 2x2 max-pool after the previous conv.
@@ -16,17 +16,37 @@ CONFIGS = {
 }
 
 
+class ConvReLU(nn.Module):
+    """3x3 conv (bias optional) -> ReLU, optionally followed by a 2x2 max-pool."""
+
+    features: int
+    pool: bool = False
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(self.features, (3, 3), padding=1, use_bias=self.use_bias, kernel_init=conv_init, name="conv")(x))
+        return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
+
+
 class VGG(nn.Module):
     """Layers ``conv0``..``conv{k-1}`` (conv3x3-BN-ReLU, max-pool where the config says),
     then ``head`` (global average pool + Dense). On 32x32 input the last pool leaves 1x1,
     so the head is the usual CIFAR ``Linear(512, num_classes)``. VGG-16: ~14.7M params.
     ``bn_axis_name``: synchronised BatchNorm over that named axis (None: per-device).
+
+    ``norm=False``: conv3x3-ReLU layers without BatchNorm (the merging paper's CIFAR-10
+    VGG-11). ``bias``: biases where no BatchNorm follows (the classifier; with ``norm=False``
+    also every conv). The merging authors' VGG-11 has no biases at all
+    (fmfi-compbio/neural-network-merging, cifar10_vgg11/teacher.py: ``bias=False``).
     """
 
     num_classes: int
     depth: int = 16
     width: float = 1.0
     bn_axis_name: str | None = None
+    norm: bool = True
+    bias: bool = True
 
     def _plan(self):
         if self.depth not in CONFIGS:
@@ -38,13 +58,16 @@ class VGG(nn.Module):
         return tuple(f"conv{i}" for i in range(len(self._plan()))) + ("head",)
 
     def unit_table(self) -> tuple:
-        """See :func:`~mergejax.core.models.mlp.conv_stack_table`."""
-        return conv_stack_table(self.layer_names()[:-1])
+        """See :func:`~mergejax.core.models.mlp.conv_stack_table`; without BatchNorm the same
+        table less its norm rows (a conv's bias follows its kernel's output group)."""
+        rows = conv_stack_table(self.layer_names()[:-1])
+        return rows if self.norm else tuple(r for r in rows if r[0] != "norm")
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
         ax = self.bn_axis_name
-        layers = [
-            ConvBNReLU(scaled(c, self.width), pool=p, bn_axis_name=ax, name=f"conv{i}") for i, (c, p) in enumerate(self._plan())
-        ]
-        return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, name="head")], x, train, frozen)
+        if self.norm:
+            layers = [ConvBNReLU(scaled(c, self.width), pool=p, bn_axis_name=ax, name=f"conv{i}") for i, (c, p) in enumerate(self._plan())]
+        else:
+            layers = [ConvReLU(scaled(c, self.width), pool=p, use_bias=self.bias, name=f"conv{i}") for i, (c, p) in enumerate(self._plan())]
+        return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, use_bias=self.bias, name="head")], x, train, frozen)

@@ -1,0 +1,155 @@
+"""What a planned run costs before it runs: XLA FLOPs of one training step, GPU-hours.
+
+:func:`step_flops` traces :func:`mergejax.core.train.train_step` (default SGD, no augmentation)
+on abstract inputs (``jax.eval_shape``, ``jax.ShapeDtypeStruct``: no parameter or batch is
+materialised) and reads XLA's cost analysis of that program. :func:`gpu_hours` turns a FLOP
+count into hours at a stated peak and utilisation. Dataset shapes come from :data:`DATASETS`,
+so nothing is loaded or downloaded.
+
+``experiments/*.py --dry-run`` uses these through each experiment's ``plan(config)``: one dict per
+training run, ``{"name", "model", "model_kwargs", "dataset", "steps", "batch_size", "width_factor"}``
+(:func:`plan_row` builds one from a :func:`mergejax.config.train_config`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+
+class DatasetShape(NamedTuple):
+    shape: tuple[int, int, int]  # (H, W, C) of one image
+    num_classes: int
+    num_train: int  # training examples (steps per epoch for epoch-based configs)
+
+
+#: Shapes of the datasets ``mergejax.core.data`` knows (TFDS metadata; digits: our fixed 1437-image split).
+DATASETS = {
+    "digits": DatasetShape((8, 8, 1), 10, 1437),
+    "mnist": DatasetShape((28, 28, 1), 10, 60_000),
+    "fashion_mnist": DatasetShape((28, 28, 1), 10, 60_000),
+    "cifar10": DatasetShape((32, 32, 3), 10, 50_000),
+    "cifar100": DatasetShape((32, 32, 3), 100, 50_000),
+    "svhn_cropped": DatasetShape((32, 32, 3), 10, 73_257),
+}
+
+#: Peak dense throughput in TFLOP/s (vendor datasheets: NVIDIA H100 Tensor Core GPU datasheet,
+#: SXM5 column; NVIDIA A100 Tensor Core GPU datasheet, SXM column). Tensor-core figures are
+#: without structured sparsity (the datasheets print the sparse number, twice these).
+PEAK_TFLOPS = {
+    "H100 SXM fp32": 67.0,  # CUDA cores, no tensor cores
+    "H100 SXM tf32": 494.7,
+    "H100 SXM bf16": 989.4,
+    "A100 SXM fp32": 19.5,
+    "A100 SXM tf32": 156.0,
+    "A100 SXM bf16": 312.0,
+}
+#: The device the estimate states unless ``--device-peak-tflops`` says otherwise: our models train
+#: in float32, and plain fp32 is the peak no compiler setting can exceed.
+DEFAULT_DEVICE = "H100 SXM fp32"
+#: Fraction of peak a training step sustains; 0.3 is a common planning figure for convnets
+#: at CIFAR sizes (small kernels, BatchNorm and elementwise work are memory-bound).
+DEFAULT_UTILISATION = 0.3
+
+
+def dataset_shape(name: str) -> DatasetShape:
+    """:data:`DATASETS` entry of ``name``, refusing an unknown one in one line."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r} for a cost estimate; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _flops_of(analysis: Any) -> float:
+    """The ``flops`` entry of ``cost_analysis()``: a dict, or a list of dicts (one per
+    computation/device in older jax versions), or None where the backend has none."""
+    if analysis is None:
+        raise RuntimeError("XLA returned no cost analysis for the training step on this backend")
+    parts = [analysis] if isinstance(analysis, Mapping) else list(analysis)
+    return float(sum(p.get("flops", 0.0) for p in parts if p))
+
+
+def step_flops(model_name: str, model_kwargs: Mapping, dataset_shape: tuple[int, ...], num_classes: int,
+               batch_size: int, *, compiled: bool = False) -> float:
+    """XLA's FLOP count of one ``train_step`` of ``model_name`` on a float32 batch
+    ``(batch_size, *dataset_shape)`` with SGD (momentum 0.9): forward, backward and update.
+
+    ``compiled=False`` (default) reads the cost analysis of the lowered (unoptimised) program,
+    seconds even for ResNet-110; ``compiled=True`` compiles it for this machine's backend first
+    (optimised HLO; on CPU ResNet-110 takes ~30 s and counts ~6% more). Either way the count
+    is the program's, not a measurement: dots and convolutions count 2 FLOPs per
+    multiply-add, elementwise ops 1 per element.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from mergejax.core.models import make_model
+    from mergejax.core.optim import make_optimizer
+    from mergejax.core.train import create_state, train_step
+
+    model = make_model(model_name, num_classes, **dict(model_kwargs))
+    tx = make_optimizer("sgd", 0.1, momentum=0.9)
+    shape = tuple(int(d) for d in dataset_shape)
+    state = jax.eval_shape(lambda key: create_state(model, key, (1, *shape), tx), jax.random.key(0))
+    batch = {"image": jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32),
+             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    lowered = jax.jit(train_step).lower(state, batch, rng)
+    return _flops_of(lowered.compile().cost_analysis() if compiled else lowered.cost_analysis())
+
+
+def gpu_hours(total_flops: float, peak_flops: float, utilisation: float) -> float:
+    """Hours to do ``total_flops`` at ``utilisation`` (0, 1] of ``peak_flops`` FLOP/s."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak FLOP/s must be positive, got {peak_flops}")
+    if not 0 < utilisation <= 1:
+        raise ValueError(f"utilisation must be in (0, 1], got {utilisation}")
+    return total_flops / (peak_flops * utilisation) / 3600.0
+
+
+def train_steps(train: Any) -> int:
+    """Optimizer steps of a :func:`mergejax.config.train_config` (``steps``, or ``epochs`` x
+    steps per epoch on the dataset's training size from :data:`DATASETS`), without loading it."""
+    from mergejax.run import num_steps
+
+    return num_steps(train, dataset_shape(train.dataset).num_train)[0]
+
+
+def plan_row(name: str, train: Any, **extra: Any) -> dict:
+    """The ``plan()`` row of one run of ``train`` (a train_config); ``extra`` overrides keys."""
+    kwargs = train.model_kwargs.to_dict() if hasattr(train.model_kwargs, "to_dict") else dict(train.model_kwargs)
+    row = {"name": name, "model": train.model, "model_kwargs": kwargs, "dataset": train.dataset,
+           "steps": train_steps(train), "batch_size": int(train.batch_size), "width_factor": 1.0}
+    row.update(extra)
+    return row
+
+
+PLAN_KEYS = {"name": str, "model": str, "model_kwargs": Mapping, "dataset": str, "steps": int, "batch_size": int}
+
+
+def check_row(row: Mapping, where: str) -> dict:
+    """``row`` with ``width_factor`` defaulted, or a one-line error naming ``where`` and the key."""
+    for key, kind in PLAN_KEYS.items():
+        if key not in row:
+            raise ValueError(f"{where}: plan row {dict(row).get('name', '?')!r} has no {key!r}")
+        if not isinstance(row[key], kind) or (kind is int and isinstance(row[key], bool)):
+            raise ValueError(f"{where}: plan row {row.get('name', '?')!r} has {key}={row[key]!r}, expected {kind.__name__}")
+    width = float(row.get("width_factor", 1.0))
+    if width <= 0:
+        raise ValueError(f"{where}: plan row {row['name']!r} has width_factor={width}, expected > 0")
+    return {**row, "model_kwargs": dict(row["model_kwargs"]), "width_factor": width}
+
+
+def row_flops(row: Mapping, cache: dict | None = None) -> float:
+    """:func:`step_flops` of a checked plan row; ``width_factor`` multiplies the model's
+    ``width`` kwarg (a run of a network that many times wider). ``cache`` (a dict the caller
+    owns) keeps one count per distinct (model, kwargs, dataset, batch)."""
+    kwargs = dict(row["model_kwargs"])
+    if row.get("width_factor", 1.0) != 1.0:
+        kwargs["width"] = float(kwargs.get("width", 1.0)) * row["width_factor"]
+    ds = dataset_shape(row["dataset"])
+    key = (row["model"], repr(sorted(kwargs.items())), ds.shape, ds.num_classes, row["batch_size"])  # cifar10 == svhn
+    if cache is not None and key in cache:
+        return cache[key]
+    flops = step_flops(row["model"], kwargs, ds.shape, ds.num_classes, row["batch_size"])
+    if cache is not None:
+        cache[key] = flops
+    return flops

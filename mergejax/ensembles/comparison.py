@@ -1,0 +1,99 @@
+"""The equal-budget comparison grid of Huang et al. 2017 (Snapshot Ensembles, Tables 1 and 3) as data.
+
+A config names ``networks`` x ``datasets`` with a ``budgets[dataset][network] = (epochs, M)`` table, the
+Table 1 ``columns`` and the ``extras`` to run, and the ``table3_ms`` (DenseNet-40, CIFAR-100, a0 = 0.2).
+:func:`grid` turns it into :class:`GridCell` s, :func:`method_rows` lists a cell's table rows, and
+:func:`paper_values` keys our mean errors by the paper's cells (:mod:`mergejax.papers.snapshot`).
+``experiments/snapshot_ensemble.py`` trains the runs (:func:`mergejax.ensembles.swa.training_runs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import ml_collections
+
+from mergejax.config import replace
+from mergejax.core.models import make_model
+from mergejax.papers import snapshot as paper
+
+
+class GridCell(NamedTuple):
+    """One network x dataset (x M): where its units live (``prefix``), its training config, M and methods."""
+
+    prefix: str
+    train: ml_collections.ConfigDict
+    M: int
+    methods: tuple  # columns + extras, spelled as in the config ('snapshot_a0.2')
+    table1: bool = True  # M is the paper's budget M (False: a Table 3 cell with another M)
+
+
+def alpha0s(methods) -> tuple[float, ...]:
+    """The restart learning rates of the ``snapshot_a<a0>`` methods."""
+    return tuple(float(m[len("snapshot_a"):]) for m in methods if m.startswith("snapshot_a"))
+
+
+def dropout_column(network: str, dataset: str) -> bool:
+    """Whether ``network`` on ``dataset`` has a Dropout column: for the paper's networks where Table 1 prints one
+    (not ResNet-110), for others where the model has a ``dropout`` option."""
+    if network in paper.NETWORKS:
+        return paper.table1_key(network, dataset, "dropout") in {c.key for c in paper.CELLS}
+    return "dropout" in {f.name for f in dataclasses.fields(make_model(network, 10))}
+
+
+def grid(config) -> list[GridCell]:
+    """The cells ``config`` runs: ``networks`` x ``datasets`` that have a ``budgets`` entry (all when ``budgets`` is
+    empty; none given: ``config.train`` alone, units directly under ``seed<k>/``), then one Table 3 cell per M of
+    ``table3_ms``, merged into the Table 1 cell when M is its budget's M. ``num_snapshots`` > 0 overrides every M."""
+    methods = tuple(config.columns) + tuple(config.extras)
+    if not (config.networks or config.datasets or config.table3_ms):
+        return [GridCell("", config.train, config.num_snapshots, methods)]
+
+    def cell(net, ds, methods, m=None):
+        epochs, m0 = config.budgets[ds][net] if net in config.budgets.get(ds, {}) else (config.train.epochs, 0)
+        m0 = config.num_snapshots or m0
+        m = m or m0
+        train = replace(config.train, model=net, dataset=ds, epochs=float(epochs),
+                        augment=config.train.augment and ds not in config.no_augment)
+        methods = tuple(x for x in methods if x != "dropout" or dropout_column(net, ds))
+        return GridCell(f"{net}/{ds}/" + ("" if m == m0 else f"M{m}/"), train, m, methods, m == m0)
+
+    cells = {}
+    for ds in config.datasets or (config.train.dataset,):
+        for net in config.networks or (config.train.model,):
+            if not config.budgets or net in config.budgets.get(ds, {}):  # no budget: not in the paper (DenseNet-100 on SVHN)
+                c = cell(net, ds, methods)
+                cells[c.prefix] = c
+    for m in config.table3_ms:
+        c = cell("densenet40", "cifar100", ("snapshot_a0.2",), m)
+        old = cells.get(c.prefix, c._replace(methods=()))
+        cells[c.prefix] = old._replace(methods=old.methods + tuple(x for x in c.methods if x not in old.methods))
+    return list(cells.values())
+
+
+def method_rows(cell: GridCell, dropout: float) -> list[tuple[str, str, int]]:
+    """``(summary key, label, training budgets)`` of the rows ``cell`` reports, in table order."""
+    a0s, want, M = alpha0s(cell.methods), set(cell.methods), cell.M
+    rows = [("single", "Single model (step schedule)", 1), ("nocycle", "NoCycle snapshot ensemble", 1),
+            ("single_cycle", "Single-Cycle ensemble", 1), ("dropout", f"Single model, dropout {dropout}", 1),
+            *[(f"snapshot_{a}", f"Snapshot ensemble a0={a}", 1) for a in a0s],
+            *[(f"weight_average_{a}", f"Weight average of the snapshots a0={a}", 1) for a in a0s if "weight_average" in want],
+            ("swa_final_sgd", "SWA run, last iterate", 1), ("swa", "SWA (BN re-estimated)", 1), ("fge", "FGE", 1),
+            ("true_ensemble", "True ensemble", M), ("long_teacher", f"Single model of {M} budgets", M)]
+    keep = want | {"swa_final_sgd"} if "swa" in want else want
+    return [r for r in rows if r[0] in keep or r[0].startswith(("snapshot_", "weight_average_"))]
+
+
+def paper_values(cells_summaries, table3_ms=()) -> dict[tuple[str, str, str], float]:
+    """``{paper cell key: our mean test error %}`` from ``[(GridCell, summary)]``: Table 1 for cells at the paper's
+    M, Table 3 for the DenseNet-40 / CIFAR-100 a0 = 0.2 ensembles whose M is in ``table3_ms``."""
+    ours = {}
+    for c, summary in cells_summaries:
+        net, ds = c.train.model, c.train.dataset
+        for key, s in summary.items():
+            if c.table1 and (k := paper.table1_key(net, ds, key)) is not None:
+                ours[k] = s["error_pct"]["mean"]
+        if (net, ds) == ("densenet40", "cifar100") and c.M in table3_ms and "snapshot_0.2" in summary:
+            ours[paper.table3_key(c.M)] = summary["snapshot_0.2"]["error_pct"]["mean"]
+    return ours

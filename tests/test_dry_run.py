@@ -1,0 +1,146 @@
+"""``--dry-run``: XLA FLOPs of one training step against a hand count, GPU-hours arithmetic,
+and every experiment's dry run at the smoke and paper presets (nothing trained, nothing written)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import types
+from pathlib import Path
+
+import pytest
+
+from mergejax import cost
+from mergejax.config import train_config
+from mergejax.experiment import dry_run, experiment_main
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL = re.compile(r"^(.+?) total: (\d+) run\(s\), ([\d,]+) steps, (\S+) FLOPs, (\S+) GPU-hours at ([\d.]+) TFLOP/s", re.M)
+
+
+def mlp_dot_flops(batch: int, sizes: list[int]) -> int:
+    """FLOPs of the matrix products of one MLP training step, 2 per multiply-add (XLA's count for
+    a dot): forward x W_i and backward dW_i = x^T g (one each per layer), dx = g W_i^T for every
+    layer but the first (the images get no gradient)."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    forward = sum(2 * batch * a * b for a, b in pairs)
+    return 2 * forward + sum(2 * batch * a * b for a, b in pairs[1:])
+
+
+@pytest.mark.parametrize("hidden,batch", [((32,), 16), ((48, 24), 64)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_step_flops_of_an_mlp_matches_a_hand_count(hidden, batch, compiled):
+    dots = mlp_dot_flops(batch, [8 * 8 * 1, *hidden, 10])
+    flops = cost.step_flops("mlp", {"hidden": hidden}, (8, 8, 1), 10, batch, compiled=compiled)
+    # XLA adds elementwise work (bias, ReLU, softmax, SGD momentum, norms) on top of the dots,
+    # a small share for these shapes; missing a matmul would fall below the lower bound.
+    assert dots <= flops <= 1.5 * dots, (flops, dots, flops / dots)
+
+
+def test_width_factor_is_a_wider_network_and_the_cache_counts_once(monkeypatch):
+    row = cost.check_row({"name": "r", "model": "mlp", "model_kwargs": {"hidden": (32,)}, "dataset": "digits", "steps": 3,
+                          "batch_size": 16, "width_factor": 2.0}, "test")
+    wide = mlp_dot_flops(16, [64, 64, 10])
+    assert wide <= cost.row_flops(row) <= 1.5 * wide
+
+    calls = []
+    real = cost.step_flops
+    monkeypatch.setattr(cost, "step_flops", lambda *a, **k: calls.append(a) or real(*a, **k))
+    mod = types.SimpleNamespace(NAME="demo", plan=lambda config: [
+        {"name": f"seed{s}", "model": "mlp", "model_kwargs": {"hidden": (8,)}, "dataset": "digits", "steps": 10 * (s + 1),
+         "batch_size": 4} for s in range(3)] + [
+        {"name": "big", "model": "mlp", "model_kwargs": {"hidden": (8,)}, "dataset": "digits", "steps": 5, "batch_size": 8}])
+    lines = []
+    out = dry_run(mod, None, peak_tflops=1.0, utilisation=0.5, echo=lines.append)
+    assert len(calls) == 2  # (hidden 8, batch 4) once for three seeds, (hidden 8, batch 8) once
+    per_step = {r["batch_size"]: r["flops_per_step"] for r in out["rows"]}
+    assert out["steps"] == 65 and out["flops"] == pytest.approx(60 * per_step[4] + 5 * per_step[8])
+    assert out["gpu_hours"] == pytest.approx(out["flops"] / 0.5e12 / 3600)
+    assert "demo/big" in lines[0] and "demo total: 4 run(s), 65 steps" in lines[1]
+
+
+def test_gpu_hours_arithmetic():
+    assert cost.gpu_hours(3.6e15, 1e12, 0.5) == pytest.approx(2.0)  # 3.6e15 / (0.5e12 FLOP/s) = 7200 s
+    assert cost.gpu_hours(0.0, 67e12, 0.3) == 0.0
+    with pytest.raises(ValueError, match="utilisation must be in"):
+        cost.gpu_hours(1.0, 1e12, 0.0)
+    with pytest.raises(ValueError, match="peak FLOP/s must be positive"):
+        cost.gpu_hours(1.0, -1.0, 0.3)
+
+
+def test_cost_analysis_dict_or_list():
+    assert cost._flops_of({"flops": 7.0, "bytes accessed": 1.0}) == 7.0  # noqa: SLF001
+    assert cost._flops_of([{"flops": 7.0}, {"flops": 2.0}, {}]) == 9.0  # older jax: one dict per computation  # noqa: SLF001
+
+
+def test_steps_from_epochs_without_loading_data():
+    # CIFAR-10: 50,000 // 128 = 390 full batches per epoch ('drop'), 391 with 'pad'.
+    assert cost.train_steps(train_config(dataset="cifar10", batch_size=128, epochs=2.0, steps=0)) == 780
+    assert cost.train_steps(train_config(dataset="cifar10", batch_size=128, epochs=1.0, steps=0, remainder="pad")) == 391
+    assert cost.train_steps(train_config(dataset="cifar10", steps=64_000)) == 64_000
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        cost.dataset_shape("imagenet")
+    with pytest.raises(ValueError, match="plan row 'r' has steps=1.5, expected int"):
+        cost.check_row({"name": "r", "model": "mlp", "model_kwargs": {}, "dataset": "digits", "steps": 1.5, "batch_size": 4}, "x")
+
+
+def _experiments() -> list:
+    spec = importlib.util.spec_from_file_location("mergejax_experiments_reproduce", REPO / "experiments" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.discover()
+
+
+EXPERIMENTS = {m.NAME: m for m in _experiments()}
+
+
+# paper: XLA traces ResNet-110/DenseNet-100 steps for FLOPs (no compile); DenseNet-100 takes ~1 min a shape on a
+# loaded 2-core CPU and the snapshot paper plan has 4 such shapes, so the paper dry runs are in the slow set.
+@pytest.mark.parametrize("preset", ["smoke", pytest.param("paper", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_dry_run_of_every_experiment(name, preset, tmp_path, capsys):
+    mod = EXPERIMENTS[name]
+    if not callable(getattr(mod, "plan", None)):
+        pytest.skip(f"experiments/{name}.py has no plan(config) yet (issue 13: every experiment must define one)")
+    if preset not in mod.PRESETS:
+        pytest.skip(f"{name} has no {preset!r} preset")
+    out = tmp_path / "out"
+    rc = mod.main(["--preset", preset, "--dry-run", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+    (exp, runs, steps, flops, hours, peak), = TOTAL.findall(text)
+    plan = mod.plan(mod.get_config(preset))
+    assert (exp, int(runs), int(steps.replace(",", ""))) == (name, len(plan), sum(r["steps"] for r in plan))
+    assert float(flops) > 0 and float(peak) == cost.PEAK_TFLOPS[cost.DEFAULT_DEVICE]
+    assert float(hours) == pytest.approx(cost.gpu_hours(float(flops), float(peak) * 1e12, cost.DEFAULT_UTILISATION), rel=1.5e-3)
+
+
+def test_reproduce_dry_run_sums_the_experiments(tmp_path, capsys):
+    with_plan = [n for n, m in EXPERIMENTS.items() if callable(getattr(m, "plan", None))]
+    spec = importlib.util.spec_from_file_location("mergejax_experiments_reproduce2", REPO / "experiments" / "reproduce.py")
+    repro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repro)
+    only = [a for n in with_plan for a in ("--only", n)]
+    rc = repro.main(["--preset", "smoke", "--dry-run", "--results", str(tmp_path / "results"),
+                     "--device-peak-tflops", "989.4", "--utilisation", "0.5", *only])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert list(tmp_path.iterdir()) == []
+    totals = TOTAL.findall(text)
+    per_exp, (last,) = totals[:-1], totals[-1:]
+    assert [t[0] for t in per_exp] == [n for n in EXPERIMENTS if n in with_plan] and last[0] == "all experiments"
+    assert int(last[2].replace(",", "")) == sum(int(t[2].replace(",", "")) for t in per_exp)
+    assert float(last[3]) == pytest.approx(sum(float(t[3]) for t in per_exp), rel=1e-3)
+    assert "(H100 SXM bf16) x 0.5 utilisation" in text
+    assert float(last[4]) == pytest.approx(cost.gpu_hours(float(last[3]), 989.4e12, 0.5), rel=1.5e-3)
+
+
+def test_dry_run_without_plan_and_bad_utilisation_are_one_line(tmp_path, capsys):
+    mod = types.SimpleNamespace(NAME="demo", PRESETS=("tiny",), get_config=lambda preset: train_config(), __doc__="demo")
+    assert experiment_main(["--dry-run", "--out", str(tmp_path / "o")], mod) == 2
+    assert "experiment demo has no plan(config), so --dry-run cannot estimate it" in capsys.readouterr().err
+    mod.plan = lambda config: [cost.plan_row("run", config)]
+    assert experiment_main(["--dry-run", "--utilisation", "1.5", "--out", str(tmp_path / "o")], mod) == 2
+    assert "utilisation must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,90 @@
+"""The snapshot_ensemble ``paper`` preset: its plan covers Table 1 (networks x datasets x columns) and Table 3 with
+the paper's budgets (hand-counted here), a subset chosen on the command line runs end to end on mock TFDS data,
+and results.json carries the comparison with the published cells."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import REPO
+from mergejax.config import override
+from mergejax.papers import snapshot as snap_paper
+
+
+@pytest.fixture(scope="module")
+def se():
+    spec = importlib.util.spec_from_file_location("snapshot_ensemble_exp", REPO / "experiments" / "snapshot_ensemble.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _names(rows):
+    return [r["name"] for r in rows]
+
+
+def test_paper_plan_covers_tables_1_and_3_with_the_papers_budgets(se):
+    rows = se.plan(se.get_config("paper"))
+    # per network x dataset: single-0 (Single and NoCycle), M Single-Cycle runs, Dropout (WRN, DenseNets), 2 snapshot runs
+    resnet, wrn = 3 * (1 + 5 + 2), 3 * (1 + 5 + 1 + 2)
+    densenet40 = 2 * (1 + 6 + 1 + 2) + (1 + 5 + 1 + 2) + 4  # CIFAR M = 6, SVHN M = 5, Table 3 M = 2, 4, 8, 10 (6 is Table 1's)
+    densenet100 = 2 * (1 + 6 + 1 + 2)  # no SVHN in the paper
+    assert len(rows) == resnet + wrn + densenet40 + densenet100 == 104
+    assert len(set(_names(rows))) == len(rows)
+    # budgets: CIFAR 200 epochs (ResNet/WRN) or 300 (DenseNet) of floor(50000 / 64) = 781 steps, SVHN 40 of floor(73257 / 64) = 1144
+    by = {r["name"]: r for r in rows}
+    assert by["resnet110/cifar10/seed0/single-0"]["steps"] == 200 * 781
+    assert by["densenet100/cifar100/seed0/snapshot_0.2"]["steps"] == 300 * 781
+    assert by["wrn32_4/svhn_cropped/seed0/snapshot_0.1"]["steps"] == 40 * 1144
+    assert sum(by[f"densenet40/cifar10/seed0/single_cycle-{j}"]["steps"] for j in range(6)) == 300 * 781
+    assert by["densenet40/cifar100/M10/seed0/snapshot_0.2"]["steps"] == 300 * 781
+    assert {r["batch_size"] for r in rows} == {64}
+    assert by["wrn32_4/cifar100/seed0/dropout"]["model_kwargs"] == {"dropout": 0.2}
+    assert not any(n.startswith("resnet110/") and n.endswith("/dropout") for n in by)
+    steps_t = {"resnet": 200 * 781, "wrn": 200 * 781, "dn": 300 * 781, "svhn": 40 * 1144}
+    total = (2 * 4 * steps_t["resnet"] + 4 * steps_t["svhn"] + 2 * 5 * steps_t["wrn"] + 5 * steps_t["svhn"]
+             + 2 * 5 * steps_t["dn"] + 5 * steps_t["svhn"] + 4 * steps_t["dn"] + 2 * 5 * steps_t["dn"])
+    assert sum(r["steps"] for r in rows) == total
+
+
+def test_paper_config_is_the_papers_and_extras_are_off(se):
+    c = se.get_config("paper")
+    t = c.train
+    assert (t.batch_size, t.momentum, t.nesterov, t.weight_decay, t.lr) == (64, 0.9, True, 1e-4, 0.1)
+    assert tuple(c.extras) == () and tuple(c.table3_ms) == (2, 4, 6, 8, 10)
+    assert set(c.networks) == set(snap_paper.NETWORKS) and set(c.datasets) == {"cifar10", "cifar100", "svhn_cropped"}
+    cells = {cell.prefix: cell for cell in se.grid(c)}
+    assert cells["resnet110/cifar10/"].train.augment and not cells["resnet110/svhn_cropped/"].train.augment
+    assert (cells["densenet40/cifar100/"].M, cells["resnet110/cifar100/"].M, cells["wrn32_4/svhn_cropped/"].M) == (6, 5, 5)
+    # extras switch on separately: a true ensemble adds M - 1 members and the ensemble of M budgets
+    sub = override(c, ["networks=('resnet110',)", "datasets=('cifar10',)", "columns=('single',)", "table3_ms=()",
+                       "extras=('true_ensemble', 'long_teacher')"])
+    assert _names(se.plan(sub)) == [f"resnet110/cifar10/seed0/single-{j}" for j in range(5)] + ["resnet110/cifar10/seed0/long_teacher"]
+    assert se.plan(sub)[-1]["steps"] == 5 * 200 * 781
+
+
+def test_paper_subset_runs_end_to_end_on_mock_cifar(se, tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("MERGEJAX_DATA", str(tmp_path / "data"))
+    config = override(se.get_config("paper"), [
+        "networks=('resnet110',)", "datasets=('cifar10',)", "columns=('single', 'snapshot_a0.2')", "table3_ms=()",
+        "num_snapshots=2", "train.steps=4", "train.batch_size=8", "train.log_every=2", "train.model_kwargs.width=0.0625",
+        "eval_batch_size=16"])
+    assert [r["name"] for r in se.plan(config)] == ["resnet110/cifar10/seed0/single-0", "resnet110/cifar10/seed0/snapshot_0.2"]
+    with tfds.testing.mock_data(num_examples=16):
+        out = se.run(config, str(tmp_path / "out"), progress=False)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["summary"]) == {"single", "snapshot_0.2"} and res["budget_steps"] == 4
+    assert res["summary"]["snapshot_0.2"]["members"] == 2
+    comp = res["paper_comparison"]
+    ran = {(r["row"], r["column"]): r for r in comp["rows"]}
+    assert set(ran) == {("ResNet-110", "C10/Single"), ("ResNet-110", "C10/Snapshot a0=0.2")}
+    assert ran[("ResNet-110", "C10/Single")]["paper"] == 5.52 and ran[("ResNet-110", "C10/Snapshot a0=0.2")]["paper"] == 5.32
+    for (row, col), r in ran.items():
+        key = {"C10/Single": "single", "C10/Snapshot a0=0.2": "snapshot_0.2"}[col]
+        assert r["ours"] == res["summary"][key]["error_pct"]["mean"] and r["diff"] == pytest.approx(r["ours"] - r["paper"])
+    assert len(comp["not_run"]) == 80 - 2 and comp["unmatched"] == []
+    assert "| table1 | ResNet-110 | C10/Single | error_pct | 5.52 |" in out["table"] and "(78 published cells)" in out["table"]
