@@ -97,3 +97,16 @@ def test_train_refuses_another_config_in_the_same_out(tmp_path, capsys):
     assert summary["config"]["seed"] == 0  # the old run's summary is intact
     assert cli.main([*base, "--set", "seed=5", "--overwrite"]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["seed"] == 5
+
+
+def test_list_config_prints_every_key_and_survives_a_closed_pipe():
+    exe = Path(sys.executable).parent / "mergejax"
+    full = subprocess.run([str(exe), "train", "--list-config", "--set", "lr=0.3"], capture_output=True, text=True, timeout=120)
+    assert full.returncode == 0, full.stderr
+    assert "lr               = 0.3  (float)" in full.stdout and len(full.stdout.splitlines()) == 23
+    # `| head -0`: the reader is gone before anything is written; no traceback, status 0 (as Unix tools do)
+    proc = subprocess.Popen([str(exe), "train", "--list-config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err

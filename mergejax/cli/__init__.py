@@ -57,10 +57,17 @@ def run_entry_point(fn, argv, *, debug: bool) -> int:
     from mergejax.core.errors import UserError
 
     try:
-        return int(fn(argv) or 0)
+        code = int(fn(argv) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (UserError, *USAGE_ERRORS) as e:
         if debug:
             raise
