@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mergejax import cost, report
+from mergejax import report
 from mergejax.averaging import connectivity, distributed, local_sgd, soups
 from mergejax.config import to_dict
 from mergejax.core import checkpoint, data as data_lib

@@ -46,20 +46,14 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     c.eval_every = 0  # steps; 0 = once per epoch
     c.checkpoint_every = 0  # steps; 0 = once per epoch
     c.eval_batch_size = 500
-    model_kwargs = overrides.pop("model_kwargs", None)
-    c.update(overrides)  # an unknown key is added by update(): refuse it instead
-    unknown = set(overrides) - set(train_config_keys())
+    unknown = set(overrides) - set(c.keys())  # update() would add an unknown key: refuse it instead
     if unknown:
-        raise KeyError(f"unknown train config key(s) {sorted(unknown)}; known: {', '.join(train_config_keys())}")
+        raise KeyError(f"unknown train config key(s) {sorted(unknown)}; known: {', '.join(c.keys())}")
+    model_kwargs = overrides.pop("model_kwargs", None)
+    c.update(overrides)
     if model_kwargs:
         c.model_kwargs = ml_collections.ConfigDict(dict(model_kwargs))
     return c
-
-
-def train_config_keys() -> tuple[str, ...]:
-    return ("dataset", "model", "model_kwargs", "batch_size", "epochs", "steps", "optimizer", "lr", "momentum",
-            "nesterov", "weight_decay", "grad_clip", "schedule", "warmup_steps", "step_boundaries", "step_factor",
-            "augment", "remainder", "seed", "log_every", "eval_every", "checkpoint_every", "eval_batch_size")
 
 
 def placeholder(kind: type) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

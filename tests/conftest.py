@@ -27,6 +27,25 @@ MODEL_CASES = [
 ]
 
 
+def teacher_variables(name: str, kw: dict, shape: tuple, seed: int):
+    """``(model, {'params', 'batch_stats'})`` of a freshly initialised model with distinct,
+    non-trivial BatchNorm statistics and affine parameters per seed (so a wrong permutation,
+    concatenation or compression of them shows up)."""
+    import jax
+
+    from mergejax.core.models import init_variables, make_model
+    from mergejax.core.units import variables_of
+
+    model = make_model(name, 10, **kw)
+    params, stats = init_variables(model, jax.random.key(seed), shape)
+    k = jax.random.key(100 + seed)
+    stats = jax.tree.map(lambda x: x + jax.random.uniform(k, x.shape), stats)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.3 * jax.random.normal(jax.random.fold_in(k, len(str(p))), x.shape)
+        if str(p[-1].key) in ("scale", "bias") else x, params)
+    return model, variables_of(params, stats)
+
+
 @pytest.fixture(scope="session")
 def digits():
     """``(train, test)`` splits of the bundled digits dataset."""

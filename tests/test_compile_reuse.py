@@ -13,7 +13,6 @@ import pytest
 
 from mergejax.core import loop, optim
 from mergejax.core import train as train_lib
-from mergejax.core import data as data_lib
 from mergejax.core.models import MLP, init_variables, make_model
 
 

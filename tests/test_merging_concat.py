@@ -11,18 +11,8 @@ from mergejax.core.models import apply_model, init_variables, make_model
 from mergejax.core.units import check_spec, unit_spec, variables_of
 
 from conftest import MODEL_CASES as CASES
+from conftest import teacher_variables as teacher
 
-
-def teacher(name, kw, shape, seed):
-    model = make_model(name, 10, **kw)
-    params, stats = init_variables(model, jax.random.key(seed), shape)
-    # Distinct, non-trivial running statistics and BN affine parameters per teacher.
-    k = jax.random.key(100 + seed)
-    stats = jax.tree.map(lambda x: x + jax.random.uniform(k, x.shape), stats)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.3 * jax.random.normal(jax.random.fold_in(k, len(str(p))), x.shape)
-        if str(p[-1].key) in ("scale", "bias") else x, params)
-    return model, variables_of(params, stats)
 
 
 def big_model(name, kw):

@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pytest
 
-from mergejax.core import data as data_lib
 from mergejax.core.loop import fit
 from mergejax.core.models import make_model
 from mergejax.core.multi import fit_many, stack_states, unstack_states

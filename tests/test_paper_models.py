@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 from mergejax.core.models import DenseNet, apply_model, count_params, init_variables, make_model
-from mergejax.core.units import take_units, unit_spec, variables_of
+from mergejax.core.units import take_units, unit_spec
 from mergejax.merging.compress import compress
 from mergejax.merging.concat import concat
 from mergejax.merging.gates import deterministic, gated_apply
+
+from conftest import teacher_variables
 
 NEW = ("densenet40", "densenet100", "densenet_bc76", "wrn32_4", "vgg11_nobn")
 
@@ -149,22 +151,11 @@ def variables():
     def get(name, kw, shape, seed=0):
         key = (name, tuple(sorted(kw.items())), shape, seed)
         if key not in made:
-            made[key] = _variables(name, kw, shape, seed)
+            made[key] = teacher_variables(name, kw, shape, seed)
         return made[key]
 
     return get
 
-
-def _variables(name, kw, shape, seed=0):
-    """Model and variables with non-trivial BN statistics and affine parameters."""
-    model = make_model(name, 10, **kw)
-    params, stats = init_variables(model, jax.random.key(seed), shape)
-    k = jax.random.key(100 + seed)
-    stats = jax.tree.map(lambda x: x + jax.random.uniform(k, x.shape), stats)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.3 * jax.random.normal(jax.random.fold_in(k, len(str(p))), x.shape)
-        if str(p[-1].key) in ("scale", "bias") else x, params)
-    return model, variables_of(params, stats)
 
 
 @pytest.mark.parametrize("name,kw,shape", CASES, ids=IDS)

@@ -8,7 +8,6 @@ a layer by that name or by its index.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
