@@ -18,63 +18,18 @@ import ml_collections
 import numpy as np
 
 from mergejax import report
-from mergejax.averaging import connectivity, distributed, local_sgd, soups
+from mergejax.averaging import connectivity, distributed, local_sgd, report as averaging_report, soups
 from mergejax.config import to_dict
 from mergejax.core import checkpoint, data as data_lib
 from mergejax.core.loop import evaluate, fit
 from mergejax.core.models import make_model
 from mergejax.core.optim import make_optimizer
 from mergejax.core.train import create_state
-from mergejax.experiment import experiment_main, unit
+from mergejax.experiment import config_file, experiment_main, unit
 
-NAME, ORDER, PRESETS = "averaging", 10, ("tiny", "smoke", "paper")
-
-
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict(dict(
-        dataset="digits", seeds=(0, 1, 2),
-        # (a) local SGD vs gradient averaging; with momentum 0.9 the effective step is lr / (1 - 0.9) = 0.1
-        hidden=(64,), workers=4, worker_batch=16, total_steps=128, ks=(1, 2, 8, 32, 128), lr_sgd=0.05, lr_momentum=0.01,
-        # (b) two independent networks; (c) soups of fine-tunes with these learning rates
-        pair_hidden=(256,), pair_steps=600, pair_lr=0.05, batch_size=64, interp_points=11,
-        soup_pretrain_steps=300, soup_finetune_steps=150, soup_lrs=(0.003, 0.01, 0.03, 0.1, 0.3), val_fraction=0.2,
-        two_process=True, checkpoint_every=300))  # (d); steps between fit checkpoints in (b), (c)
-    if preset == "paper":
-        # The papers' CIFAR-10-scale runs are out of reach on CPU; the same protocol on MNIST with wider MLPs
-        # (Ainsworth et al. 2022 match a 3x512 MLP on MNIST; Wortsman et al. 2022 soup 72 fine-tunes).
-        c.update(dataset="mnist", hidden=(512, 512, 512), pair_hidden=(512, 512, 512), workers=8, worker_batch=64, total_steps=1024,
-                 pair_steps=6000, soup_pretrain_steps=3000, soup_finetune_steps=1000, checkpoint_every=1000)
-    elif preset == "smoke":  # seconds: the pipeline end to end (CI), not the method; no second process
-        c.update(seeds=(0,), hidden=(16,), workers=2, worker_batch=8, total_steps=8, ks=(1, 4), pair_hidden=(32,), pair_steps=30,
-                 interp_points=3, soup_pretrain_steps=20, soup_finetune_steps=10, soup_lrs=(0.01, 0.1), two_process=False,
-                 checkpoint_every=10)
-    return c
-
-
-def plan(config: ml_collections.ConfigDict) -> list[dict]:
-    """Every training run of :func:`run` (for ``--dry-run``); evaluations are not counted.
-
-    (a) per optimizer and seed: the synchronous run plus one local-SGD run per K, each
-    ``total_steps`` steps of the global batch ``workers x worker_batch``; (b) two networks per
-    seed; (c) a pre-training and one fine-tune per learning rate; (d) 2 processes x the fixed
-    rounds of :mod:`mergejax.averaging.distributed` (MLP 16 on 8x8 inputs, batch 8).
-    """
-    def row(name, hidden, steps, batch, dataset=config.dataset):
-        return {"name": name, "model": "mlp", "model_kwargs": {"hidden": tuple(hidden)}, "dataset": dataset,
-                "steps": int(steps), "batch_size": int(batch), "width_factor": 1.0}
-    rows = []
-    for s in config.seeds:
-        for opt in ("sgd", "momentum"):
-            for run_name in ("sync", *(f"K{k}" for k in config.ks)):
-                rows.append(row(f"divergence/{opt}/seed{s}/{run_name}", config.hidden, config.total_steps,
-                                config.workers * config.worker_batch))
-        rows += [row(f"interp/seed{s}/net{j}", config.pair_hidden, config.pair_steps, config.batch_size) for j in (0, 1)]
-        rows.append(row(f"soups/seed{s}/pretrain", config.hidden, config.soup_pretrain_steps, config.batch_size))
-        rows += [row(f"soups/seed{s}/finetune{i}", config.hidden, config.soup_finetune_steps, config.batch_size)
-                 for i in range(len(config.soup_lrs))]
-    if config.two_process:
-        rows.append(row("two_process", (16,), 2 * distributed.ROUNDS * distributed.LOCAL_STEPS, 8, dataset="digits"))
-    return rows
+NAME, ORDER = "averaging", 10
+CONFIG = config_file(__file__)  # configs/averaging.py
+PRESETS, get_config, plan = CONFIG.PRESETS, CONFIG.get_config, CONFIG.plan
 
 
 def _pick(config, *keys, **extra) -> dict:
@@ -161,39 +116,14 @@ def two_process(out_dir):
 def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     train, test = data_lib.load(config.dataset, "train"), data_lib.load(config.dataset, "test")
-    opts = ("sgd", "momentum")  # (a) SGD and SGD with momentum 0.9
-    div = [r for opt in opts for s in config.seeds for r in divergence(config, out_dir, opt, s, train, test)]
+    div = [r for opt in averaging_report.OPTIMIZERS for s in config.seeds for r in divergence(config, out_dir, opt, s, train, test)]
     pairs = [aligned_pair(config, out_dir, s, train, test, progress) for s in config.seeds]
     soup_runs = [soup(config, out_dir, s, train, test, progress) for s in config.seeds]
     dist = two_process(out_dir) if config.two_process else {"ok": None, "skipped": True}
 
-    ms, sel = report.fmt_mean_std, lambda o, k, key: [r[key] for r in div if r["optimizer"] == o and r["K"] == k]  # noqa: E731
-    rows_a = [{"optimizer": o, "K": k, "param dist": "{mean:.2e} ± {std:.1e}".format(**report.mean_std(sel(o, k, "param_dist"))),
-               "rel dist": ms(sel(o, k, "rel_dist"), digits=4), "local SGD acc": ms(sel(o, k, "local_acc"), 100),
-               "grad-avg acc": ms(sel(o, k, "sync_acc"), 100)} for o in opts for k in config.ks]
-    rows_b = [{"method": m, "loss barrier": ms([r[f"{m}_barrier"] for r in pairs], digits=3), "midpoint acc":
-               ms([r[f"{m}_mid_acc"] for r in pairs], 100), "endpoint acc": ms([x for r in pairs for x in r["end_acc"]], 100)}
-              for m in ("naive", "aligned")]
-    rows_c = [{"model": m, "test acc": ms([r[f"{k}_test"] for r in soup_runs], 100), "val acc": ms([r[f"{k}_val"] for r in soup_runs], 100)}
-              for m, k in (("best single (by val)", "best_single"), ("uniform soup", "uniform"), ("greedy soup", "greedy"))]
-    table = (f"## (a) Local SGD (K local steps, then weight averaging) vs gradient averaging\n\n{config.workers} workers x batch "
-             f"{config.worker_batch}, {config.total_steps} steps, MLP {config.hidden}; distance to the synchronous run on the same batches "
-             f"(L2 over all params; rel = / distance the sync run moved).\n\n{report.markdown_table(rows_a)}\n"
-             f"## (b) Two independently trained networks: linear interpolation\n\n{report.markdown_table(rows_b)}\n"
-             f"## (c) Soups of {len(config.soup_lrs)} fine-tunes (lrs {config.soup_lrs}) of one pre-trained MLP (test acc %)\n\n"
-             f"{report.markdown_table(rows_c)}\n## (d) Local SGD across 2 processes (jax.distributed, CPU)\n\n")
-    table += (f"max |params(proc 0) - params(proc 1)| = {dist['max_gap_between_processes']}, max |2-process - 1-process| = "
-              f"{dist['max_gap_vs_single_process']}\n" if dist.get("ok") else f"not run / failed: {dist}\n")
-    table += f"\nSeeds {list(config.seeds)}; mean ± std; device {jax.devices()[0].device_kind}; wall {time.perf_counter() - t0:.0f} s.\n"
-
-    ts, mean_loss = pairs[0]["t"], lambda m: list(np.mean([r[f"{m}_loss"] for r in pairs], 0))  # noqa: E731
-    p1 = report.plot_curves(os.path.join(out_dir, "interpolation.png"),
-                            {"naive": (ts, mean_loss("naive")), "aligned (weight matching)": (ts, mean_loss("aligned"))},
-                            xlabel="t  ((1-t) A + t B)", ylabel="test loss (nats)", title="Interpolating two independently trained MLPs")
-    p2 = report.plot_curves(os.path.join(out_dir, "divergence.png"),
-                            {o: (list(np.log2(config.ks)), [float(np.mean(sel(o, k, "rel_dist"))) for k in config.ks]) for o in opts},
-                            xlabel="log2 K (local steps between averages)", ylabel="relative distance to gradient averaging",
-                            title="Local SGD vs gradient averaging")
+    table = averaging_report.tables(config, div, pairs, soup_runs, dist) + (
+        f"\nSeeds {list(config.seeds)}; mean ± std; device {jax.devices()[0].device_kind}; wall {time.perf_counter() - t0:.0f} s.\n")
+    p1, p2 = averaging_report.plots(out_dir, config, div, pairs)
     results = {"experiment": NAME, "config": to_dict(config), "divergence": div, "interpolation": pairs, "soups": soup_runs,
                "two_process": dist, "device_kind": jax.devices()[0].device_kind, "wall_time_s": time.perf_counter() - t0,
                "plots": [os.path.basename(p1), os.path.basename(p2)]}

@@ -121,8 +121,10 @@ def _dry_run(mods, args) -> int:
         totals.append(dry_run(mod, get_config(mod, args.preset), peak_tflops=args.device_peak_tflops,
                               utilisation=args.utilisation, cache=flops_cache))
     steps, flops, hours = (sum(t[k] for t in totals) for k in ("steps", "flops", "gpu_hours"))
+    bf16 = sum(t.get("gpu_hours_bf16", 0.0) for t in totals)
     print(f"all experiments total: {sum(len(t['rows']) for t in totals)} run(s), {steps:,} steps, {flops:.3e} FLOPs, "
           f"{hours:.4g} GPU-hours at {device_label(args.device_peak_tflops)} x {args.utilisation:g} utilisation"
+          + (f" ({bf16:.4g} with precision=bf16 on tensor cores)" if bf16 else "")
           + (f"; not estimated (no plan): {', '.join(missing)}" if missing else ""))
     print(f"dry run: nothing trained, nothing written to {args.results}")
     return 0

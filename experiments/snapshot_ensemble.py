@@ -14,58 +14,22 @@ import sys
 import time
 
 import jax
-import ml_collections
-import numpy as np
 
-from mergejax import cost, papers, report
-from mergejax.config import to_dict, train_config
+from mergejax import papers, report
+from mergejax.config import to_dict
 from mergejax.core import data as data_lib, optim as schedules
 from mergejax.core.models import make_model
 from mergejax.core.train import create_state, model_apply_fn
-from mergejax.ensembles.comparison import GridCell, alpha0s, grid, method_rows, paper_values
+from mergejax.ensembles.comparison import GridCell, alpha0s, cell_table, comparison_plots, grid, method_rows, paper_values
 from mergejax.ensembles.snapshot import curve_summary, ensemble_curve, final_snapshot, fit_with_snapshots
 from mergejax.ensembles.swa import (RunPlan, budget_step, equal_budget_plans, fge_cycle_steps, swa_model, training_runs,
                                     weight_average_model, with_swa_average)
-from mergejax.experiment import experiment_main, unit
-from mergejax.papers import snapshot as paper
+from mergejax.experiment import config_file, experiment_main, unit
 from mergejax.run import num_steps
 
-NAME, ORDER, PRESETS = "snapshot_ensemble", 20, ("tiny", "digits", "smoke", "paper")
-COLUMNS = ("single", "nocycle", "single_cycle", "dropout", "snapshot_a0.1", "snapshot_a0.2")  # Table 1's methods
-EXTRAS = ("true_ensemble", "swa", "fge", "long_teacher", "weight_average")
-
-
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-    sgd = dict(momentum=0.9, nesterov=True, lr=0.1)  # train: the budget B, batch, optimizer (lr: the single model's); M = num_snapshots
-    c = ml_collections.ConfigDict(dict(  # SWA: Izmailov et al. 2018 (CIFAR, lr_init 0.1); starts: fractions of B
-        seeds=(0, 1, 2), num_snapshots=5, columns=tuple(c for c in COLUMNS if c != "dropout"), extras=EXTRAS[:3],
-        single_cycle_alpha0=0.1, dropout=0.2, swa_lr=0.05, swa_start=0.5, fge_start=0.5, fge_alpha1=0.05, fge_alpha2=0.0005,
-        eval_batch_size=500, networks=(), datasets=(), budgets={}, no_augment=("svhn_cropped",), table3_ms=()))
-    small = dict(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, weight_decay=5e-4, log_every=11, **sgd)
-    if preset == "paper":
-        # Huang et al. 2017, Sec. 4 (shared/reference/snapshot_ensembles.md): batch 64, SGD Nesterov 0.9, wd 1e-4; single model
-        # 0.1, /10 at 50%, 75%. budgets[dataset][network] = (epochs B, cycles M): CIFAR ResNet-110/WRN-32 200 = 5 x 40, DenseNets
-        # 300 = 6 x 50; SVHN 40 = 5 x 8 on its train split (73,257 images, no 'extra'), no augmentation (CIFAR: pad-crop-flip);
-        # no DenseNet-100 on SVHN in the paper. Dropout column: p = 0.2 (the DenseNet paper's rate). Extras off.
-        cifar = {"resnet110": (200.0, 5), "wrn32_4": (200.0, 5), "densenet40": (300.0, 6), "densenet100": (300.0, 6)}
-        svhn = {k: (40.0, 5) for k in ("resnet110", "wrn32_4", "densenet40")}
-        c.update(train=train_config(dataset="cifar10", model="resnet110", batch_size=64, epochs=200.0, weight_decay=1e-4,
-                                    augment=True, log_every=200, **sgd), seeds=(0,), num_snapshots=0, columns=COLUMNS, extras=(),
-                 networks=tuple(paper.NETWORKS), datasets=("cifar10", "cifar100", "svhn_cropped"), table3_ms=(2, 4, 6, 8, 10),
-                 budgets={"cifar10": cifar, "cifar100": cifar, "svhn_cropped": svhn})
-    elif preset == "smoke":  # seconds: the pipeline end to end (CI), not the method (2 epochs, M = 2, one seed)
-        c.update(train=train_config(epochs=2.0, **small), seeds=(0,), num_snapshots=2)
-    else:  # tiny: quarter-width SmallCNN (BatchNorm), M = 5 cycles of 3 epochs of 22 steps; a checkpoint every 5 epochs
-        c.train = train_config(epochs=15.0, checkpoint_every=110, **small)
-    return c
-
-
-def plan(config) -> list[dict]:
-    """One row per training run (for ``--dry-run``); a dropout run has the model's ``dropout`` set."""
-    return [cost.plan_row(f"{cell.prefix}seed{seed}/{name}", cell.train, steps=steps, model_kwargs={
-        **cell.train.model_kwargs.to_dict(), **({"dropout": config.dropout} if name == "dropout" else {})})
-        for cell in grid(config) for seed in config.seeds
-        for name, steps in training_runs(cell.methods, cost.train_steps(cell.train), cell.M, alpha0s(cell.methods)).items()]
+NAME, ORDER = "snapshot_ensemble", 20
+CONFIG = config_file(__file__)  # configs/snapshot_ensemble.py
+PRESETS, get_config, plan = CONFIG.PRESETS, CONFIG.get_config, CONFIG.plan
 
 
 def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, sched: dict, progress: bool) -> dict:
@@ -150,21 +114,7 @@ def run_cell(config, cell: GridCell, data, out_dir: str, progress: bool) -> dict
     runs = {seed: run_seed(config, cell, data, out_dir, seed, total, sched, progress) for seed in config.seeds}
     rows = method_rows(cell, config.dropout)
     summary = {key: curve_summary([runs[s]["curves"][key] for s in config.seeds]) for key, _, _ in rows}
-    fmt = lambda s, digits=2: f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"  # noqa: E731 (report.fmt_mean_std of a summary)
-    table_rows = [{"method": label, "budgets": cost_, "members": (x := summary[key])["members"],
-                   "test error % (soft avg)": fmt(x["error_pct"]), "NLL": fmt(x["nll"], 3),
-                   "hard-vote error %": fmt(x["vote_error_pct"]) if x["members"] > 1 else "",
-                   "last member alone %": fmt(x["error_vs_m_pct"][0])} for key, label, cost_ in rows]
-    table = (f"`{cfg.model}` ({dict(cfg.model_kwargs)}) on `{cfg.dataset}`, budget B = {total} steps "
-             f"({total / per_epoch:.1f} epochs, batch {cfg.batch_size}), M = {M}; mean ± std over seeds "
-             f"{list(config.seeds)}; test set of {len(test)} examples. Ensembles average softmax outputs of their members.\n\n"
-             + report.markdown_table(table_rows))
-    err = {a: summary[f"snapshot_{a}"]["error_pct"] for a in alpha0s(cell.methods)}
-    if err and "single" in summary:
-        best, single = min(err, key=lambda a: err[a]["mean"]), summary["single"]["error_pct"]
-        verdicts = ", ".join(f"a0 = {a}: {'beats' if err[a]['mean'] < single['mean'] else 'does not beat'}" for a in err)
-        table += (f"\nSnapshot ensemble (best a0 = {best}): {err[best]['mean']:.2f} ± {err[best]['std']:.2f} % vs single model "
-                  f"{single['mean']:.2f} ± {single['std']:.2f} % at equal cost ({verdicts} the single model on the mean).\n")
+    table = cell_table(cell, summary, rows, config.seeds, total, per_epoch, len(test))
     return {"budget_steps": total, "steps_per_epoch": per_epoch, "summary": summary, "rows": rows, "sched": sched, "table": table,
             "runs": runs, "snapshot_boundaries": list(schedules.snapshot_boundaries(total, M)), "cell": cell}
 
@@ -180,15 +130,8 @@ def run(config, out_dir: str, progress: bool = True) -> dict:
     rows, sched, M, total, seeds = first["rows"], first["sched"], first["cell"].M, first["budget_steps"], config.seeds
     table = ("\n".join(f"### `{r['cell'].prefix.rstrip('/')}`\n\n{r['table']}" for r in done) if len(done) > 1 else first["table"])
     table += "\n" + papers.markdown(comparison)
-    t, losses, runs = np.arange(total), first["runs"][seeds[0]]["losses"], training_runs(first["cell"].methods, total, M)
-    vs_m = lambda p: ([1, M], [p[0]["mean"]] * 2) if len(p) == 1 else (list(range(1, len(p) + 1)), [x["mean"] for x in p])  # noqa: E731
-    plots = [report.plot_curves(os.path.join(out_dir, "lr_schedules.png"), {k: (t + 1, np.asarray(jax.vmap(v.lr_fn)(t))) for k, v in
-                                sched.items() if k == "single" or k in runs and not k.startswith("single_cycle")},
-                                xlabel="iteration t", ylabel="learning rate"),
-             report.plot_curves(os.path.join(out_dir, "train_loss.png"), {k: ([h["step"] for h in v], [h["loss"] for h in v])
-                                for k, v in losses.items()}, xlabel="step", ylabel="training loss (first seed)", logy=True),
-             report.plot_curves(os.path.join(out_dir, "error_vs_m.png"), {lab: vs_m(first["summary"][k]["error_vs_m_pct"])
-                                for k, lab, _ in rows}, xlabel="m (ensemble of the last m members)", ylabel="test error % (mean over seeds)")]
+    plots = comparison_plots(out_dir, sched, first["runs"][seeds[0]]["losses"], first["summary"], rows,
+                             training_runs(first["cell"].methods, total, M), M, total)
     keep = lambda r: {"budget_steps": r["budget_steps"], "steps_per_epoch": r["steps_per_epoch"], "summary": r["summary"],  # noqa: E731
                       "runs": {str(s): {k: v for k, v in x.items() if k != "losses"} for s, x in r["runs"].items()},
                       "snapshot_boundaries": r["snapshot_boundaries"]}

@@ -16,52 +16,33 @@ import sys
 
 import ml_collections
 
-from mergejax import cost, report
-from mergejax.config import replace, to_dict, train_config
-from mergejax.experiment import experiment_main, unit
-from mergejax.run import train_and_evaluate
+from mergejax import report
+from mergejax.config import replace, to_dict
+from mergejax.experiment import config_file, experiment_main, unit
+from mergejax.run import seed_groups, train_and_evaluate, train_and_evaluate_many
 
 NAME = "train_baseline"
 ORDER = 0  # place in results/<preset>/REPORT.md
-PRESETS = ("tiny", "digits", "smoke", "paper")
+CONFIG = config_file(__file__)  # configs/train_baseline.py
+PRESETS, get_config, plan = CONFIG.PRESETS, CONFIG.get_config, CONFIG.plan
 
 
-def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seeds = (0,)
-    if preset in ("tiny", "digits"):
-        c.train = train_config(dataset="digits", model="cnn", batch_size=64, epochs=15, lr=0.1, weight_decay=5e-4,
-                               log_every=11)
-    elif preset == "smoke":  # seconds: checks the pipeline end to end (CI), not the method
-        c.train = train_config(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, steps=20,
-                               lr=0.1, log_every=10, checkpoint_every=5)
-    elif preset == "paper":
-        # He et al. 2016, Sec. 4.2: batch 128, SGD momentum 0.9, wd 1e-4, lr 0.1 divided by 10 at
-        # 32k and 48k iterations, stop at 64k (= 50% and 75% of training); pad-crop-flip.
-        c.train = train_config(dataset="cifar10", model="resnet20", batch_size=128, steps=64_000, lr=0.1, momentum=0.9,
-                               weight_decay=1e-4, schedule="step", step_boundaries=(0.5, 0.75), augment=True,
-                               log_every=200, eval_every=2000, checkpoint_every=2000)
-    return c
-
-
-def plan(config: ml_collections.ConfigDict) -> list[dict]:
-    """One training run per seed (for ``--dry-run``)."""
-    return [cost.plan_row(f"seed{seed}", config.train) for seed in config.seeds]
-
-
-def train_unit(cfg: ml_collections.ConfigDict, progress: bool):
-    """A unit body: train ``cfg`` in ``workdir/fit`` (resumable), return the summary."""
-    def fn(workdir):
-        _, summary = train_and_evaluate(cfg, os.path.join(workdir, "fit"), progress=progress)
-        return summary
-    return fn
+def run_group(config: ml_collections.ConfigDict, group: list[int], out_dir: str, progress: bool) -> list[dict]:
+    """The seeds of ``group`` as one resumable unit: ``seed<k>`` alone, ``seeds<a>_<b>`` vmapped together
+    (each model equals its solo run to float rounding). Checkpoints in the unit's ``fit/``."""
+    if len(group) == 1:
+        cfg = replace(config.train, seed=group[0])
+        return [{"seed": group[0], **unit(out_dir, f"seed{group[0]}", cfg, lambda wd: train_and_evaluate(
+            cfg, os.path.join(wd, "fit"), progress=progress)[1])}]
+    ucfg = {"train": {k: v for k, v in to_dict(config.train).items() if k != "seed"}, "seeds": group}
+    out = unit(out_dir, "seeds" + "_".join(map(str, group)), ucfg, lambda wd: {"runs": train_and_evaluate_many(
+        config.train, group, os.path.join(wd, "fit"), progress=progress)[1]})
+    return out["runs"]
 
 
 def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) -> dict:
-    runs = []
-    for seed in config.seeds:
-        cfg = replace(config.train, seed=seed)
-        runs.append({"seed": seed, **unit(out_dir, f"seed{seed}", cfg, train_unit(cfg, progress))})
+    groups = seed_groups(config.train, config.seeds, config.models_per_program)
+    runs = [r for group in groups for r in run_group(config, group, out_dir, progress)]
     rows = [{k: r[k] for k in ("seed", "test_accuracy", "test_loss", "steps", "wall_time_s")} for r in runs]
     acc = report.mean_std([r["test_accuracy"] for r in runs])
     table = (f"Model `{config.train.model}` on `{config.train.dataset}`; test accuracy {acc['mean']:.4f} ± {acc['std']:.4f} "

@@ -6,11 +6,11 @@ Layout (one package per pillar, on one core):
   averaging/   weights (average, EMA), parallel, local_sgd, distributed, soups, rebasin,
                connectivity
   ensembles/   snapshot, swa (SWA, FGE)
-  freezeout    FreezeOut per-layer rates, staged compiled steps, FLOP cost model
+  freezeout/   FreezeOut per-layer rates, staged compiled steps, FLOP cost model; sweep
   merging/     concat -> gate -> compress -> fine-tune of two networks
   cli/         the ``mergejax`` command: train, average, merge, prepare
-  config, experiment, report   the thin layer under experiments/: configs, resumable
-               units, results tables and plots
+  config, run, experiment, report   the thin layer under experiments/: configs, config ->
+               trained model(s) on all local devices, resumable units, results tables and plots
 """
 
 import importlib
@@ -23,6 +23,7 @@ _EXPORTS = {
     "config": ("override", "train_config"),
     "core.data": ("augment_cifar", "batches", "load"),
     "core.loop": ("evaluate", "fit"),
+    "core.multi": ("fit_many", "stack_states", "unstack_states"),
     "core.models": ("apply_model", "init_variables", "make_model"),
     "core.optim": ("make_optimizer", "make_schedule"),
     "core.train": ("TrainState", "create_state", "eval_step", "train_step"),

@@ -40,12 +40,14 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     c.step_boundaries = (0.5, 0.75)  # fractions of training, for schedule="step"
     c.step_factor = 0.1
     c.augment = False  # CIFAR pad-crop-flip on device
+    c.precision = "fp32"  # fp32 | bf16 (compute dtype; params, optimizer state, BN stats and loss stay fp32)
     c.remainder = "drop"  # last training batch of an epoch: drop | pad
     c.seed = 0
     c.log_every = 50
     c.eval_every = 0  # steps; 0 = once per epoch
     c.checkpoint_every = 0  # steps; 0 = once per epoch
     c.eval_batch_size = 500
+    c.devices = 0  # local devices each batch is split over (sync BN): 0 = all, k = the first k; 1 device = the plain step
     unknown = set(overrides) - set(c.keys())  # update() would add an unknown key: refuse it instead
     if unknown:
         raise KeyError(f"unknown train config key(s) {sorted(unknown)}; known: {', '.join(c.keys())}")

@@ -51,6 +51,16 @@ DEFAULT_DEVICE = "H100 SXM fp32"
 DEFAULT_UTILISATION = 0.3
 
 
+def bf16_peak(peak_tflops: float) -> float | None:
+    """The bf16 tensor-core peak of the :data:`PEAK_TFLOPS` device whose fp32 or tf32 peak is
+    ``peak_tflops`` (``precision=bf16`` runs there), or None for a peak not in the table."""
+    for name, value in PEAK_TFLOPS.items():
+        device, _, kind = name.rpartition(" ")
+        if value == peak_tflops and kind in ("fp32", "tf32"):
+            return PEAK_TFLOPS.get(f"{device} bf16")
+    return None
+
+
 def dataset_shape(name: str) -> DatasetShape:
     """:data:`DATASETS` entry of ``name``, refusing an unknown one in one line."""
     if name not in DATASETS:

@@ -1,8 +1,11 @@
 """The thin layer under ``experiments/*.py``: command line, run identity, resumable units.
 
-An experiment script defines ``NAME``, ``ORDER`` (its place in the report), ``PRESETS``
-(the preset names), ``get_config(preset) -> ml_collections.ConfigDict`` and ``run(config,
-out_dir, progress)`` returning ``{'results', 'table', 'plots'}``. Its ``main`` is
+An experiment is two files, as in the Flax examples: ``experiments/configs/<name>.py`` (the
+config file: ``PRESETS``, ``get_config(preset) -> ml_collections.ConfigDict`` and
+``plan(config)``, the runs it will train) and ``experiments/<name>.py`` (the script: ``NAME``,
+``ORDER`` (its place in the report), ``run(config, out_dir, progress)`` returning
+``{'results', 'table', 'plots'}``, and the config file's names, loaded with
+:func:`config_file`, so no ``sys.path`` edit is needed). Its ``main`` is
 ``experiment_main(argv, module)``, which gives every experiment the same command line:
 ``--preset``, ``--set key=value`` (repeatable), ``--list-config``, ``--out``, ``--overwrite``,
 ``--dry-run`` (with ``--device-peak-tflops``, ``--utilisation``).
@@ -23,6 +26,7 @@ disk, never from memory alone.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -33,6 +37,29 @@ from mergejax import cost
 from mergejax.core import rundir
 from mergejax.core.errors import UserError
 from mergejax.config import format_config, override, to_dict
+
+
+def config_file(script: str) -> ModuleType:
+    """The config file of the experiment script at ``script``: ``<its folder>/configs/<its
+    stem>.py``, loaded by path (as ``ml_collections.config_flags`` loads config files) and
+    kept in ``sys.modules`` as ``mergejax_configs.<stem>``, so loading it twice gives one module."""
+    stem = os.path.splitext(os.path.basename(script))[0]
+    path = os.path.join(os.path.dirname(os.path.abspath(script)), "configs", f"{stem}.py")
+    key = f"mergejax_configs.{stem}"
+    mod = sys.modules.get(key)
+    if mod is not None and getattr(mod, "__file__", None) == path:
+        return mod
+    if not os.path.isfile(path):
+        raise UserError(f"experiment {script} has no config file {path}")
+    spec = importlib.util.spec_from_file_location(key, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    return mod
 
 
 def unit(out_dir: str, name: str, config: Any, fn: Callable[[str], Mapping], *, inputs: Mapping | None = None) -> dict:
@@ -127,7 +154,14 @@ def dry_run(module: ModuleType, config: Any, *, peak_tflops: float, utilisation:
     echo(format_plan(module.NAME, rows))
     echo(f"{module.NAME} total: {len(rows)} run(s), {steps:,} steps, {flops:.3e} FLOPs, "
          f"{hours:.4g} GPU-hours at {device_label(peak_tflops)} x {utilisation:g} utilisation")
-    return {"rows": rows, "steps": steps, "flops": flops, "gpu_hours": hours}
+    out = {"rows": rows, "steps": steps, "flops": flops, "gpu_hours": hours}
+    bf16 = cost.bf16_peak(peak_tflops)
+    if bf16:
+        out["gpu_hours_bf16"] = cost.gpu_hours(flops, bf16 * 1e12, utilisation)
+        echo(f"{module.NAME} with precision=bf16: {out['gpu_hours_bf16']:.4g} GPU-hours at {device_label(bf16)} x "
+             f"{utilisation:g} (the same FLOPs on tensor cores: a lower bound, small CIFAR convnets are memory-bound far "
+             f"below that peak; vmapped seeds and several devices change the utilisation, measured in benchmarks/results/speed_*)")
+    return out
 
 
 def format_plan(name: str, rows: Sequence[Mapping]) -> str:

@@ -76,11 +76,18 @@ def setup(config: ml_collections.ConfigDict, *, train: data_lib.Split | None = N
     """Load data (unless given), build model, schedule, optimizer and the initial state.
 
     ``seed`` overrides ``config.seed`` for the initialisation (the data order uses
-    ``config.seed`` in :func:`fit`).
+    ``config.seed`` in :func:`fit`). ``config.precision`` ("fp32" | "bf16") sets the model's
+    compute dtype; an unknown one is refused before any data is loaded.
     """
+    from mergejax.core.models import precision_dtype  # local: this edit owns only setup()
+
+    dtype = precision_dtype(config.get("precision", "fp32"))
     train = train if train is not None else data_lib.load(config.dataset, "train")
     test = test if test is not None else data_lib.load(config.dataset, "test")
-    model = make_model(config.model, train.num_classes, **to_dict(config.model_kwargs))
+    model_kwargs = to_dict(config.model_kwargs)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    model = make_model(config.model, train.num_classes, **model_kwargs)
     total, per_epoch = num_steps(config, len(train))
     lr_fn = make_schedule(
         config.schedule, config.lr, total, warmup_steps=config.warmup_steps,
@@ -103,18 +110,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     """Train per ``config`` (resuming ``workdir`` if it holds this config's run) and evaluate.
 
     Returns ``(state, summary)`` with test accuracy/loss, steps, wall time (s, training only,
-    summed over resumes) and the history (the whole ``metrics.jsonl`` when ``workdir`` is set,
-    so a resumed or re-run summary equals an uninterrupted one).
+    summed over resumes), ``num_devices_used`` and the history (the whole ``metrics.jsonl``
+    when ``workdir`` is set, so a resumed or re-run summary equals an uninterrupted one).
+
+    ``config.devices`` local devices (0 = all) share each batch of ``config.batch_size``
+    (:func:`mergejax.averaging.parallel.resolve_devices` refuses one that does not divide it):
+    the model trains with BatchNorm synchronised over them and gradients summed, which equals
+    one device on the whole batch up to float rounding (augmentation included; dropout masks
+    are drawn per device). With one device it is the plain single-device step, bit for bit.
+    The returned state holds the plain model on one device.
     """
+    from mergejax.averaging import parallel
+    from mergejax.core.errors import UserError
+    from mergejax.core.train import model_apply_fn
+
+    devices = parallel.resolve_devices(config.get("devices", 0), config.batch_size)  # refuse before loading data
     s = setup_ or setup(config)
+    state, step_fn = s.state, None
+    if len(devices) > 1:  # batch split over a mesh, synchronised BN: equals one device to float rounding
+        if "bn_axis_name" not in getattr(s.model, "__dataclass_fields__", {}):
+            raise UserError(f"model {config.model!r} takes no bn_axis_name, so it cannot train on "
+                            f"{len(devices)} devices; set devices=1")
+        state = state.replace(apply_fn=model_apply_fn(s.model.clone(bn_axis_name=parallel.AXIS)))
+        step_fn = parallel.make_fit_step(parallel.data_mesh(devices))
     t0 = time.perf_counter()
     state, history = fit(
-        s.state, s.train, num_steps=s.num_steps, batch_size=config.batch_size, seed=config.seed,
+        state, s.train, num_steps=s.num_steps, batch_size=config.batch_size, seed=config.seed,
         eval_split=s.test, eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
         log_every=config.log_every, workdir=workdir, checkpoint_every=config.checkpoint_every,
         remainder=config.remainder, progress=progress, manifest={"train_config": to_dict(config)}, overwrite=overwrite,
+        step_fn=step_fn,
     )
     wall = time.perf_counter() - t0
+    if step_fn is not None:  # back to a one-device state of the plain model (trains and evaluates anywhere)
+        state = jax.device_put(state.replace(apply_fn=s.state.apply_fn), devices[0])
     if workdir is not None:
         history = read_metrics(workdir)
         times = [h["time_s"] for h in history if h["split"] == "train" and h.get("time_s") is not None]
@@ -128,6 +157,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         "wall_time_s": wall,
         "device_kind": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
+        "num_devices_used": len(devices),
         "history": history,
     }
     return state, summary
+
+
+def train_and_evaluate_many(config: ml_collections.ConfigDict, seeds, workdir: str | None = None, *,
+                            progress: bool = True, overwrite: bool = False) -> tuple[list[TrainState], list[dict]]:
+    """:func:`train_and_evaluate` for several seeds in one compiled program
+    (:func:`mergejax.core.multi.fit_many`, one device): model i is initialised with
+    ``seeds[i]`` and draws its batches and step rngs with it, so it ends where
+    ``train_and_evaluate`` with ``config.seed = seeds[i]`` ends, up to float rounding of the
+    batched kernels. The data are loaded once; ``config.seed`` is not used.
+
+    ``workdir`` holds the one stacked run (checkpoints of all models, ``metrics.jsonl`` with a
+    ``model`` index per line) and resumes like ``train_and_evaluate``'s. Returns the trained
+    states and per seed a summary shaped like ``train_and_evaluate``'s plus ``seed``
+    (``wall_time_s``: the whole group's training time; ``history``: this model's records).
+    """
+    from mergejax.core import multi  # local: this function is the module's only user
+
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    first = setup(config, seed=seeds[0])
+    setups = [first] + [setup(config, train=first.train, test=first.test, seed=s) for s in seeds[1:]]
+    t0 = time.perf_counter()
+    states, histories = multi.fit_many(
+        [s.state for s in setups], first.train, num_steps=first.num_steps, batch_size=config.batch_size, seeds=seeds,
+        eval_split=first.test, eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
+        log_every=config.log_every, workdir=workdir, checkpoint_every=config.checkpoint_every,
+        remainder=config.remainder, progress=progress, overwrite=overwrite,
+        # config.seed plays no part here (the seeds are fit_many's own setting), so it may differ on resume
+        manifest={"train_config": {k: v for k, v in to_dict(config).items() if k != "seed"}},
+    )
+    wall = time.perf_counter() - t0
+    if workdir is not None:
+        histories = multi.read_many_metrics(workdir, len(seeds))
+        times = [h["time_s"] for h in histories[0] if h["split"] == "train" and h.get("time_s") is not None]
+        wall = times[-1] if times else wall
+    finals = multi.evaluate_many(multi.stack_states(states), first.test, config.eval_batch_size)
+    summaries = [{
+        "seed": seed,
+        "test_accuracy": final["accuracy"],
+        "test_loss": final["loss"],
+        "steps": first.num_steps,
+        "steps_per_epoch": first.steps_per_epoch,
+        "wall_time_s": wall,
+        "device_kind": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "num_devices_used": 1,
+        "history": history,
+    } for seed, final, history in zip(seeds, finals, histories)]
+    return states, summaries
+
+
+def seed_groups(config: ml_collections.ConfigDict, seeds, models_per_program: int = 0) -> list[list[int]]:
+    """``seeds`` cut into groups trained together by :func:`train_and_evaluate_many` (a group of
+    one: :func:`train_and_evaluate`). ``models_per_program``: seeds per group; 0 = auto
+    (:func:`mergejax.core.multi.models_per_program`: 1 on CPU, on an accelerator as many as fit
+    in its free memory at the measured bytes of ``config``'s step)."""
+    from mergejax.core import multi
+
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct ints, at least one, e.g. seeds=(0,1,2), got {tuple(seeds)}")
+    seeds = list(seeds)
+
+    def bytes_per_model():  # only asked on an accelerator with memory statistics
+        s = setup(config)
+        return multi.step_memory_bytes(s.state, s.train.images.shape[1:], config.batch_size, s.train.images.dtype)
+
+    n = multi.models_per_program(models_per_program, len(seeds), bytes_per_model=bytes_per_model)
+    return [seeds[i:i + n] for i in range(0, len(seeds), n)]

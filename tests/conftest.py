@@ -46,6 +46,21 @@ def teacher_variables(name: str, kw: dict, shape: tuple, seed: int):
     return model, variables_of(params, stats)
 
 
+def load_experiment(name: str):
+    """``experiments/<name>.py`` as a module (the scripts are not a package; each loads its own
+    config file by path)."""
+    import importlib.util
+
+    key = f"mergejax_test_experiments.{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module  # as an import does: main() finds its module there
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def digits():
     """``(train, test)`` splits of the bundled digits dataset."""

@@ -100,7 +100,7 @@ def test_describe_lists_every_key_with_value_and_type():
     assert rows["train.augment"] == (False, "bool") and rows["seeds"] == ((0,), "tuple")
     assert rows["note"] == (None, "str")  # a placeholder keeps its type
     assert rows["train.model_kwargs"] == ({}, "dict")
-    assert len(rows) == 23 + 2  # every train key (model_kwargs empty) + seeds + note
+    assert len(rows) == 25 + 2  # every train key (model_kwargs empty; precision, devices included) + seeds + note
     text = format_config(outer())
     assert "train.lr               = 0.1  (float)" in text
 

@@ -68,6 +68,18 @@ def test_gpu_hours_arithmetic():
         cost.gpu_hours(1.0, -1.0, 0.3)
 
 
+def test_bf16_hours_use_the_same_devices_tensor_core_peak():
+    assert cost.bf16_peak(67.0) == 989.4 and cost.bf16_peak(494.7) == 989.4  # H100 SXM fp32 / tf32 -> bf16
+    assert cost.bf16_peak(19.5) == 312.0 and cost.bf16_peak(12.3) is None  # A100; a peak not in the table
+    mod = types.SimpleNamespace(NAME="demo", plan=lambda config: [
+        {"name": "r", "model": "mlp", "model_kwargs": {"hidden": (8,)}, "dataset": "digits", "steps": 7, "batch_size": 4}])
+    lines = []
+    out = dry_run(mod, None, peak_tflops=67.0, utilisation=0.3, echo=lines.append)
+    assert out["gpu_hours_bf16"] == pytest.approx(out["gpu_hours"] * 67.0 / 989.4)
+    assert lines[2].startswith(f"demo with precision=bf16: {out['gpu_hours_bf16']:.4g} GPU-hours at 989.4 TFLOP/s (H100 SXM bf16)")
+    assert "gpu_hours_bf16" not in dry_run(mod, None, peak_tflops=12.3, utilisation=0.3, echo=lines.append)
+
+
 def test_cost_analysis_dict_or_list():
     assert cost._flops_of({"flops": 7.0, "bytes accessed": 1.0}) == 7.0  # noqa: SLF001
     assert cost._flops_of([{"flops": 7.0}, {"flops": 2.0}, {}]) == 9.0  # older jax: one dict per computation  # noqa: SLF001

@@ -233,3 +233,39 @@ def test_sigkills_at_several_moments_of_reproduce(smoke_run, tmp_path):
     hits = _kill_resume_matches(smoke_run, tmp_path, plan)
     print(f"reproduce.py kills that hit a live process: {hits}/{len(plan)}")
     assert hits >= 6
+
+
+def test_experiments_are_a_config_file_and_a_short_script(tmp_path):
+    """Each experiment script loads its config file by path (no sys.path edit, nothing from tests/)
+    and stays short: the method lives in the library."""
+    import ast
+
+    from mergejax.core.errors import UserError
+    from mergejax.experiment import config_file
+
+    scripts = sorted(p for p in (REPO / "experiments").glob("*.py") if p.name != "reproduce.py")
+    assert {p.stem for p in scripts} == {p.stem for p in (REPO / "experiments" / "configs").glob("*.py")}
+    for path in scripts:
+        text = path.read_text()
+        names = {n.id for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Name)}
+        assert "CONFIG" in names and "config_file(__file__)" in text, path.name
+        assert "sys.path" not in text and "tests" not in {m.split(".")[0] for m in _imports(text)}, path.name
+        assert len(text.splitlines()) <= 155, (path.name, len(text.splitlines()))
+        cfg = config_file(str(path))
+        assert cfg is config_file(str(path)) and cfg.__file__ == str(REPO / "experiments" / "configs" / path.name)
+        assert callable(cfg.get_config) and callable(cfg.plan) and cfg.PRESETS
+    (tmp_path / "lonely.py").write_text("")
+    with pytest.raises(UserError, match="has no config file .*configs/lonely.py"):
+        config_file(str(tmp_path / "lonely.py"))
+
+
+def _imports(text: str) -> list[str]:
+    import ast
+
+    out = []
+    for n in ast.walk(ast.parse(text)):
+        if isinstance(n, ast.Import):
+            out += [a.name for a in n.names]
+        elif isinstance(n, ast.ImportFrom) and n.module:
+            out.append(n.module)
+    return out

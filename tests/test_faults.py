@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
 
 TRAIN = ["--set", "model=mlp", "--set", "model_kwargs={'hidden': (32,)}", "--set", "steps=600",
          "--set", "checkpoint_every=7", "--set", "log_every=5", "--quiet"]

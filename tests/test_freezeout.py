@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from mergejax import freezeout as fo
+from mergejax.freezeout import sweep
 from mergejax.core import loop, optim, train
 from mergejax.core.models import make_model
 
@@ -258,7 +259,7 @@ def test_compare_with_baselines_interpolates_the_neighbouring_baselines():
         {"order": 5, "seed": 1, "base": True, "train_s": 10.0, "cpu_s": 10.0, "compile_s": 0.0},
         {"order": 6, "seed": 1, "base": False, "train_s": 5.0, "cpu_s": None, "compile_s": 0.0},
     ]
-    out = fo.compare_with_baselines(runs, lambda r: r["base"])
+    out = sweep.compare_with_baselines(runs, lambda r: r["base"])
     assert [r["order"] for r in out] == list(range(7)) and "measured_saving" not in runs[0]
     # order 1 is a quarter of the way from the baseline at 0 to the one at 4
     assert out[1]["baseline_ref_s"] == pytest.approx(1.0 + 1.5 / 4)

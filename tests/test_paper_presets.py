@@ -5,25 +5,23 @@ and the published numbers are the ones the authors' code and notebook print."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
-from mergejax import freezeout as fo
+from conftest import load_experiment
 from mergejax import papers
+from mergejax.core import data
+from mergejax.papers import freezeout as papers_freezeout
 from mergejax.config import override
 from mergejax.core.data import Split
 from mergejax.merging import gates as G
 
-sys.path.insert(0, str(REPO / "experiments"))
-FO = importlib.import_module("freezeout")
-MN = importlib.import_module("merge_networks")
+FO = load_experiment("freezeout")
+MN = load_experiment("merge_networks")
 
 
 # ------------------------------------------------------------------ lambda schedule (authors' numbers)
@@ -67,7 +65,7 @@ def _split(n):
 
 def test_holdout_45k_5k_sizes_disjoint_deterministic():
     full = _split(50_000)
-    train, val = fo.holdout(full, 5000, seed=0)
+    train, val = data.holdout(full, 5000, seed=0)
     assert (len(train), len(val)) == (45_000, 5000)
     a, b = train.labels, val.labels
     assert not set(a.tolist()) & set(b.tolist())  # disjoint
@@ -75,12 +73,12 @@ def test_holdout_45k_5k_sizes_disjoint_deterministic():
     assert np.all(np.diff(a) > 0) and np.all(np.diff(b) > 0)  # original order kept
     np.testing.assert_array_equal(train.images[:, 0, 0, 0], a.astype(np.float32))  # images follow their labels
     assert train.num_classes == 100 and val.name == "cifar100"
-    again = fo.holdout(full, 5000, seed=0)[1].labels
+    again = data.holdout(full, 5000, seed=0)[1].labels
     np.testing.assert_array_equal(again, b)  # deterministic
-    other = fo.holdout(full, 5000, seed=1)[1].labels
+    other = data.holdout(full, 5000, seed=1)[1].labels
     assert not np.array_equal(other, b) and len(set(other.tolist()) & set(b.tolist())) < 1000  # ~500 expected by chance
     with pytest.raises(ValueError, match="cannot hold out"):
-        fo.holdout(full, 50_000)
+        data.holdout(full, 50_000)
 
 
 # ------------------------------------------------------------------ plan() row counts
@@ -167,14 +165,14 @@ def test_freezeout_paper_comparison_mapping():
     runs = [run("densenet_bc76", "baseline", acc=0.70), run("densenet_bc76", "a", 0.8, "cubic", True, 0.17, 0.25, 0.68),
             run("densenet_bc76", "b", 0.8, "cubic", False, 0.17, 0.30, 0.60), run("densenet_bc76", "c", 0.5, "linear", True, 0.2, 0.1, 0.7),
             run("wrn40_4", "baseline", acc=0.5), run("wrn40_4", "d", 0.5, "cubic", True, 0.3, 0.2, 0.49)]
-    cmp = FO.paper_comparison(runs, "cifar100", {"densenet_bc76": {}})
+    cmp = papers_freezeout.compare(runs, "cifar100", {"densenet_bc76": {}})
     got = {(x["row"], x["column"]): x["ours"] for x in cmp["rows"]}
     assert got[("DenseNet-BC (L=76, k=12)", "cubic t0=0.8")] == pytest.approx(17.0)
     assert got[("DenseNet-BC (L=76, k=12)", "linear t0=0.5")] == pytest.approx(20.0)
     assert got[("DenseNet", "C100/best speedup")] == pytest.approx(25.0)  # b loses 10 points > 3
     assert got[("DenseNet", "C100/accuracy loss")] == pytest.approx(2.0)
     assert ("ResNet", "C100/best speedup") not in got  # d loses 1 point; the paper claims none
-    assert not FO.paper_comparison(runs, "cifar10", {})["rows"][2:]  # abstract cells are CIFAR-100 only
+    assert not papers_freezeout.compare(runs, "cifar10", {})["rows"][2:]  # abstract cells are CIFAR-100 only
 
 
 # ------------------------------------------------------------------ end to end on mock CIFAR

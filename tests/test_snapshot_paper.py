@@ -4,22 +4,18 @@ and results.json carries the comparison with the published cells."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
+from conftest import load_experiment
 from mergejax.config import override
 from mergejax.papers import snapshot as snap_paper
 
 
 @pytest.fixture(scope="module")
 def se():
-    spec = importlib.util.spec_from_file_location("snapshot_ensemble_exp", REPO / "experiments" / "snapshot_ensemble.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("snapshot_ensemble")
 
 
 def _names(rows):

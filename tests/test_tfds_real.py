@@ -228,7 +228,7 @@ print(json.dumps(res))
         assert "MERGEJAX_DATA" in msg and "--data-dir" in msg, msg
     assert "(download=False)" in res["cifar10 download=False"][1]
     for case in ("mnist download=True", "svhn_cropped download=True", "prepare fashion_mnist"):
-        assert f"(no network: cannot connect to 127.0.0.1:" in res[case][1], res[case][1]
+        assert "(no network: cannot connect to 127.0.0.1:" in res[case][1], res[case][1]
     assert os.listdir(empty) == [], "a failed load left files behind"
 
 
@@ -236,7 +236,7 @@ print(json.dumps(res))
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None and not os.environ.get("CI"),
                     reason="preparing with the unmodified builder needs TensorFlow: pip install -e '.[test]'")
 def test_unmodified_mnist_builder_from_manual_files_with_prepare_cli(tmp_path):
-    data_dir, out = tmp_path / "data", tmp_path / "out"
+    data_dir = tmp_path / "data"
     manual = data_dir / "tfds" / "downloads" / "manual"
     expected = make_sources(tmp_path / "src")
     manual.mkdir(parents=True)

@@ -7,4 +7,5 @@
   soups         uniform and greedy model soups
   rebasin       Git Re-Basin weight matching over the unit tables
   connectivity  loss barriers and interpolation paths, naive vs permutation-aligned
+  report        the averaging experiment's tables and plots
 """

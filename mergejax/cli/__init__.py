@@ -22,12 +22,16 @@ USAGE_ERRORS = (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsEr
 
 
 def train(argv):
-    """``mergejax train --set dataset=digits --set model=cnn --out DIR``: train, checkpoint, evaluate."""
+    """``mergejax train --set dataset=digits --set model=cnn --out DIR``: train, checkpoint, evaluate.
+    ``--set 'seeds=(0,1,2,3)'`` trains one model per seed, ``models_per_program`` of them in one
+    vmapped program (0 = auto), each group in ``DIR/seeds_<a>_<b>/``, with DIR/summary.json
+    listing each seed's test accuracy."""
     import argparse
+    import copy
     import json
     import os
 
-    from mergejax.config import format_config, override, to_dict, train_config
+    from mergejax.config import format_config, override, replace, to_dict, train_config
 
     p = argparse.ArgumentParser(prog="mergejax train", description=train.__doc__)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -37,7 +41,12 @@ def train(argv):
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    config = override(train_config(), args.overrides)
+    config = train_config()
+    config.seeds = ()  # train these seeds (distinct ints); () = just `seed`
+    # seeds per vmapped program; 0 = auto: 1 on CPU (measured slower vmapped), on GPU/TPU as many
+    # as fit in free device memory (mergejax.core.multi.models_per_program)
+    config.models_per_program = 0
+    config = override(config, args.overrides)
     if args.list_config:
         print(format_config(config))
         return 0
@@ -46,10 +55,55 @@ def train(argv):
     from mergejax.core import rundir
     from mergejax.run import train_and_evaluate
 
-    _, summary = train_and_evaluate(config, args.out, progress=not args.quiet, overwrite=args.overwrite)
-    summary = {k: v for k, v in summary.items() if k != "history"} | {"config": to_dict(config)}
-    rundir.write_json(os.path.join(args.out, "summary.json"), summary)
-    print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_loss", "steps", "wall_time_s")}))
+    seeds, requested = tuple(config.seeds), config.models_per_program
+    if requested < 0:
+        raise ValueError(f"models_per_program must be >= 0 (0 = auto), got {requested}")
+    base = copy.deepcopy(config)
+    del base["seeds"], base["models_per_program"]  # one run's config, as train_and_evaluate records it
+    keys = ("test_accuracy", "test_loss", "steps", "wall_time_s")
+    if len(seeds) <= 1:
+        base = replace(base, seed=seeds[0]) if seeds else base
+        _, summary = train_and_evaluate(base, args.out, progress=not args.quiet, overwrite=args.overwrite)
+        summary = {k: v for k, v in summary.items() if k != "history"} | {"config": to_dict(base)}
+        rundir.write_json(os.path.join(args.out, "summary.json"), summary)
+        print(json.dumps({k: summary[k] for k in keys}))
+        return 0
+
+    import numpy as np
+
+    from mergejax.run import seed_groups, train_and_evaluate_many
+
+    shared = {k: v for k, v in to_dict(base).items() if k != "seed"}
+    manifest = rundir.make_manifest("train_seeds", {"train_config": shared, "seeds": list(seeds),
+                                                    "models_per_program": requested})
+    with rundir.RunDir(args.out, manifest, overwrite=args.overwrite) as rd:
+        plan_path = os.path.join(rd.path, "plan.json")
+        if os.path.exists(plan_path):  # an auto choice is kept on resume, whatever memory is free now
+            plan = rundir.read_json(plan_path)
+        else:
+            groups = seed_groups(base, seeds, requested)
+            plan = {"models_per_program": len(groups[0]), "groups": groups}
+            rundir.write_json(plan_path, plan)
+        rows, wall = [], 0.0
+        for group in plan["groups"]:
+            sub = os.path.join(rd.path, "seeds_" + "_".join(map(str, group)))
+            if len(group) == 1:  # a plain solo run (data-parallel over config.devices as usual)
+                _, summary = train_and_evaluate(replace(base, seed=group[0]), sub, progress=not args.quiet)
+                summaries = [{"seed": group[0], **summary}]
+            else:
+                _, summaries = train_and_evaluate_many(base, group, sub, progress=not args.quiet)
+            wall += summaries[0]["wall_time_s"]  # one program per group: its time is shared
+            rows += [{"seed": s["seed"], **{k: s[k] for k in keys}, "workdir": os.path.relpath(sub, rd.path)}
+                     for s in summaries]
+        acc = [r["test_accuracy"] for r in rows]
+        summary = {"seeds": list(seeds), "models_per_program": plan["models_per_program"], "groups": plan["groups"],
+                   "test_accuracy_mean": float(np.mean(acc)), "test_accuracy_std": float(np.std(acc, ddof=1)),
+                   "steps": rows[0]["steps"], "wall_time_s": wall,
+                   "per_seed": rows, "config": to_dict(config)}
+        rundir.write_json(os.path.join(rd.path, "summary.json"), summary)
+    print(json.dumps({"seeds": list(seeds), "test_accuracy": acc, "test_accuracy_mean": summary["test_accuracy_mean"],
+                      "steps": summary["steps"], "wall_time_s": summary["wall_time_s"]}))
+    return 0
 
 
 def run_entry_point(fn, argv, *, debug: bool) -> int:

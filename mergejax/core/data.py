@@ -319,3 +319,18 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh, axis: str = "data") -> dic
         if v.shape[0] % size:
             raise ValueError(f"batch[{k!r}] has leading size {v.shape[0]}, not divisible by mesh axis {axis!r} of size {size}")
     return jax.device_put(batch, sharding)
+
+
+def holdout(split: data_lib.Split, num_holdout: int, seed: int = 0) -> tuple[data_lib.Split, data_lib.Split]:
+    """``(train, held_out)``: ``split`` cut into two disjoint parts, ``num_holdout`` examples held
+    out, chosen by a permutation drawn from ``seed`` (numpy ``default_rng``); each part keeps
+    the original order. The FreezeOut authors report validation error on 5,000 held out of the
+    CIFAR training set (the last 5,000 of torchvision's order, which TFDS does not share) after
+    training on the other 45,000: ``holdout(train, 5000)``."""
+    n = len(split)
+    if not 0 < num_holdout < n:
+        raise ValueError(f"cannot hold out {num_holdout} of the {n} examples of {split.name}")
+    perm = np.random.default_rng(seed).permutation(n)
+    keep, held = np.sort(perm[:n - num_holdout]), np.sort(perm[n - num_holdout:])
+    part = lambda idx: dataclasses.replace(split, images=split.images[idx], labels=split.labels[idx])  # noqa: E731
+    return part(keep), part(held)

@@ -4,13 +4,15 @@ exact resume) and ``evaluate``. Every step it runs is :func:`mergejax.core.train
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -129,24 +131,77 @@ def fit(
                 remainder=remainder, callbacks=callbacks, step_fn=step_fn or _default_step(loss_fn), progress=progress)
     if workdir is None:
         return _fit_loop(state, train_split, None, None, 0, **loop)
-    run_manifest = rundir.make_manifest(
-        "fit",
-        {"fit": {"num_steps": num_steps, "batch_size": batch_size, "seed": seed, "remainder": remainder},
-         "caller": dict(manifest or {})},
+    settings = {"num_steps": num_steps, "batch_size": batch_size, "seed": seed, "remainder": remainder}
+    run_manifest = workdir_manifest("fit", settings, manifest, train_split, eval_split, state.arrays())
+    with resumable_workdir(workdir, run_manifest, state.arrays(), overwrite=overwrite) as run:
+        state = state.replace_arrays(run.arrays)
+        return _fit_loop(state, train_split, run.manager, run.log_file, run.start, elapsed=run.elapsed, **loop)
+
+
+def workdir_manifest(kind: str, settings: Mapping, caller: Mapping | None, train_split: data_lib.Split,
+                     eval_split: data_lib.Split | None, arrays: Any) -> dict:
+    """The manifest of a training workdir: ``config = {kind: settings, 'caller': caller}``,
+    ``inputs`` = fingerprints of the data splits and of the initial ``arrays``."""
+    return rundir.make_manifest(
+        kind,
+        {kind: dict(settings), "caller": dict(caller or {})},
         {"train": rundir.fingerprint_split(train_split),
          "eval": rundir.fingerprint_split(eval_split) if eval_split is not None else None,
-         "initial_state": tree_fingerprint(state.arrays())},
+         "initial_state": tree_fingerprint(arrays)},
     )
-    with rundir.RunDir(workdir, run_manifest, overwrite=overwrite):
+
+
+@dataclasses.dataclass
+class Resumed:
+    """What :func:`resumable_workdir` hands the loop: the arrays to start from (restored or
+    the initial ones), the step they are at, the checkpoint manager, the open metrics log and
+    the training seconds already spent (``time_s`` of the last kept train record)."""
+
+    arrays: Any
+    start: int
+    manager: ckpt_lib.Manager
+    log_file: TextIO
+    elapsed: float
+
+
+@contextlib.contextmanager
+def resumable_workdir(workdir: str, manifest: Mapping, arrays: Any, *, overwrite: bool = False) -> Iterator[Resumed]:
+    """Open ``workdir`` for training, as :func:`fit` does: lock it, refuse another run's
+    manifest (:class:`~mergejax.core.errors.ConfigMismatch`, one line) unless ``overwrite``,
+    restore the newest intact checkpoint of ``workdir/checkpoints`` into the structure of
+    ``arrays`` (a dict with a ``'step'`` leaf: a scalar, or ``(N,)`` equal steps of stacked
+    models), and cut ``metrics.jsonl`` back to that step. The log is open for appending
+    inside the ``with``; the lock is released on exit."""
+    with rundir.RunDir(workdir, manifest, overwrite=overwrite):
         manager = ckpt_lib.Manager(os.path.join(workdir, "checkpoints"))
         start = 0
         if manager.latest_step() is not None:
-            state = state.replace_arrays(manager.restore(state.arrays()))
-            start = int(state.step)
+            arrays = manager.restore(arrays)
+            start = int(np.max(np.asarray(jax.device_get(arrays["step"]))))
         log_path = os.path.join(workdir, "metrics.jsonl")
         elapsed = _truncate_log(log_path, start)
-        with open(log_path, "a") as log_file:
-            return _fit_loop(state, train_split, manager, log_file, start, elapsed=elapsed, **loop)
+        try:
+            with open(log_path, "a") as log_file:
+                yield Resumed(arrays, start, manager, log_file, elapsed)
+        finally:
+            manager.close()
+
+
+def write_record(log_file: TextIO | None, record: Mapping) -> None:
+    """Append ``record`` to an open ``metrics.jsonl`` as one JSON line (NaN/Inf -> null)."""
+    if log_file is not None:
+        log_file.write(json.dumps(rundir.jsonable(record), allow_nan=False) + "\n")
+        log_file.flush()
+
+
+def save_checked(manager: ckpt_lib.Manager, step: int, arrays: Any) -> None:
+    """Checkpoint ``arrays`` as ``step`` after checking them for NaN/Inf on the device; a bad
+    value raises :class:`~mergejax.core.errors.Diverged` naming the first bad leaf, so the
+    newest checkpoint on disk is always finite."""
+    if not all_finite(arrays):
+        raise Diverged(f"non-finite values at step {step} before writing its checkpoint; "
+                       f"first bad leaf: {_first_bad(arrays)}")
+    manager.save(step, arrays)
 
 
 def _fit_loop(state, train_split, manager, log_file, start, *, num_steps, batch_size, seed, eval_split, eval_every,
@@ -156,9 +211,7 @@ def _fit_loop(state, train_split, manager, log_file, start, *, num_steps, batch_
 
     def log(record):
         history.append(record)
-        if log_file is not None:
-            log_file.write(json.dumps(rundir.jsonable(record), allow_nan=False) + "\n")
-            log_file.flush()
+        write_record(log_file, record)
 
     base_rng = jax.random.key(seed)
     # One jitted fold_in: ~20 us instead of ~200 us of eager dispatch per step (same bits).
@@ -195,11 +248,7 @@ def _fit_loop(state, train_split, manager, log_file, start, *, num_steps, batch_
             if eval_split is not None and (done % eval_every == 0 or done == num_steps):
                 log({"step": done, "split": "test", **evaluate(state, eval_split, eval_batch_size)})
             if manager is not None and (done % checkpoint_every == 0 or done == num_steps):
-                arrays = state.arrays()
-                if not all_finite(arrays):
-                    raise Diverged(f"non-finite values at step {done} before writing its checkpoint; "
-                                   f"first bad leaf: {_first_bad(arrays)}")
-                manager.save(done, arrays)
+                save_checked(manager, done, state.arrays())
             bar.update(1)
     finally:
         bar.close()

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from mergejax.core.models import apply_model, init_variables
+from mergejax.core.models.core import to_logits
 
 Params = Any
 #: ``train_step``'s static keyword arguments, for ``jax.jit(..., static_argnames=STEP_STATIC)``.
@@ -104,8 +105,9 @@ def create_state(
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean softmax cross-entropy over examples with ``mask`` 1 (nats). logits (B, K), labels (B,)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    """Mean softmax cross-entropy over examples with ``mask`` 1 (nats), in at least float32.
+    logits (B, K), labels (B,)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(to_logits(logits), labels)
     if mask is None:
         return losses.mean()
     return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
@@ -170,6 +172,7 @@ def train_step(
     def objective(params):
         logits, batch_stats = state.apply_fn(params, state.batch_stats, images, train=True, frozen=frozen,
                                              rng=model_rng)
+        logits = to_logits(logits)  # a bf16 model's loss and softmax still run in float32
         loss, extra = loss_fn(logits, labels, weights, params, state.step)
         correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
         return loss, (batch_stats, {"accuracy": correct, **extra})
@@ -203,7 +206,9 @@ def _sum_over(tree: Any, axis_name: str | None) -> Any:
 
 
 def eval_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array | None) -> dict:
-    """Sums over the batch (so batches add up exactly): loss_sum (nats), correct, count."""
+    """Sums over the batch (so batches add up exactly): loss_sum (nats), correct, count.
+    Computed in at least float32 whatever the logits' dtype."""
+    logits = to_logits(logits)
     mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)

@@ -3,17 +3,22 @@
 A config names ``networks`` x ``datasets`` with a ``budgets[dataset][network] = (epochs, M)`` table, the
 Table 1 ``columns`` and the ``extras`` to run, and the ``table3_ms`` (DenseNet-40, CIFAR-100, a0 = 0.2).
 :func:`grid` turns it into :class:`GridCell` s, :func:`method_rows` lists a cell's table rows, and
-:func:`paper_values` keys our mean errors by the paper's cells (:mod:`mergejax.papers.snapshot`).
+:func:`paper_values` keys our mean errors by the paper's cells (:mod:`mergejax.papers.snapshot`);
+:func:`cell_table` and :func:`comparison_plots` draw the report.
 ``experiments/snapshot_ensemble.py`` trains the runs (:func:`mergejax.ensembles.swa.training_runs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import NamedTuple
 
+import jax
 import ml_collections
+import numpy as np
 
+from mergejax import report
 from mergejax.config import replace
 from mergejax.core.models import make_model
 from mergejax.papers import snapshot as paper
@@ -97,3 +102,44 @@ def paper_values(cells_summaries, table3_ms=()) -> dict[tuple[str, str, str], fl
         if (net, ds) == ("densenet40", "cifar100") and c.M in table3_ms and "snapshot_0.2" in summary:
             ours[paper.table3_key(c.M)] = summary["snapshot_0.2"]["error_pct"]["mean"]
     return ours
+
+
+def _fmt(s: dict, digits: int = 2) -> str:  # report.fmt_mean_std of a summary
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def cell_table(cell: GridCell, summary: dict, rows, seeds, total: int, per_epoch: int, num_test: int) -> str:
+    """Markdown table of one cell: per row of :func:`method_rows`, the budgets, members, soft-average
+    error %, NLL, hard-vote error % and the last member alone (mean ± std over ``seeds``; ``summary``:
+    key -> :func:`mergejax.ensembles.snapshot.curve_summary`), and whether each snapshot ensemble
+    beats the single model at equal cost (``total`` steps, ``per_epoch`` steps per epoch)."""
+    cfg = cell.train
+    table_rows = [{"method": label, "budgets": cost_, "members": (x := summary[key])["members"],
+                   "test error % (soft avg)": _fmt(x["error_pct"]), "NLL": _fmt(x["nll"], 3),
+                   "hard-vote error %": _fmt(x["vote_error_pct"]) if x["members"] > 1 else "",
+                   "last member alone %": _fmt(x["error_vs_m_pct"][0])} for key, label, cost_ in rows]
+    table = (f"`{cfg.model}` ({dict(cfg.model_kwargs)}) on `{cfg.dataset}`, budget B = {total} steps "
+             f"({total / per_epoch:.1f} epochs, batch {cfg.batch_size}), M = {cell.M}; mean ± std over seeds "
+             f"{list(seeds)}; test set of {num_test} examples. Ensembles average softmax outputs of their members.\n\n"
+             + report.markdown_table(table_rows))
+    err = {a: summary[f"snapshot_{a}"]["error_pct"] for a in alpha0s(cell.methods)}
+    if err and "single" in summary:
+        best, single = min(err, key=lambda a: err[a]["mean"]), summary["single"]["error_pct"]
+        verdicts = ", ".join(f"a0 = {a}: {'beats' if err[a]['mean'] < single['mean'] else 'does not beat'}" for a in err)
+        table += (f"\nSnapshot ensemble (best a0 = {best}): {err[best]['mean']:.2f} ± {err[best]['std']:.2f} % vs single model "
+                  f"{single['mean']:.2f} ± {single['std']:.2f} % at equal cost ({verdicts} the single model on the mean).\n")
+    return table
+
+
+def comparison_plots(out_dir: str, sched: dict, losses: dict, summary: dict, rows, runs, M: int, total: int) -> list[str]:
+    """``lr_schedules.png`` (every trained schedule in ``runs``), ``train_loss.png`` (``losses``: label
+    -> train records) and ``error_vs_m.png`` (error of the last m members, mean over seeds)."""
+    t = np.arange(total)
+    vs_m = lambda p: ([1, M], [p[0]["mean"]] * 2) if len(p) == 1 else (list(range(1, len(p) + 1)), [x["mean"] for x in p])  # noqa: E731
+    return [report.plot_curves(os.path.join(out_dir, "lr_schedules.png"), {k: (t + 1, np.asarray(jax.vmap(v.lr_fn)(t))) for k, v in
+                               sched.items() if k == "single" or k in runs and not k.startswith("single_cycle")},
+                               xlabel="iteration t", ylabel="learning rate"),
+            report.plot_curves(os.path.join(out_dir, "train_loss.png"), {k: ([h["step"] for h in v], [h["loss"] for h in v])
+                               for k, v in losses.items()}, xlabel="step", ylabel="training loss (first seed)", logy=True),
+            report.plot_curves(os.path.join(out_dir, "error_vs_m.png"), {lab: vs_m(summary[k]["error_vs_m_pct"])
+                               for k, lab, _ in rows}, xlabel="m (ensemble of the last m members)", ylabel="test error % (mean over seeds)")]

@@ -18,7 +18,7 @@ runs used); ``accuracy_loss_pct`` is in percentage points of accuracy as the abs
 (the README calls the envelope "3% relative error", which is ambiguous).
 """
 
-from mergejax.papers import Cell
+from mergejax.papers import Cell, side_by_side
 
 _CODE = "ajbrock/FreezeOut utils.py calc_speedup(12, 12, t_0, how_scale): DenseNet-BC L=76 k=12 FLOP estimate"
 _ABSTRACT = "Brock et al. 2017, arXiv 1706.04983v2, abstract"
@@ -52,3 +52,35 @@ CLAIMS = (
     "ajbrock/FreezeOut README: 'speedups below 20% should be within a 3% relative error envelope, and speedups "
     "around 10% seem to incur no error cost for Scaled Cubic and Unscaled Linear strategies'.",
 )
+
+# the abstract's row for each network family of the FreezeOut experiment
+ABSTRACT_ROWS = {"densenet_bc76": "DenseNet", "wrn40_4": "ResNet", "resnet56": "ResNet"}
+
+
+def compare(runs: list[dict], dataset: str, model_kwargs: dict | None = None) -> dict:
+    """:func:`mergejax.papers.side_by_side` of these cells with a sweep's ``runs`` (each with ``network``,
+    ``label``, ``spacing``, ``t0``, ``scaled``, ``predicted_saving``, ``measured_saving``,
+    ``test_accuracy``): flop_estimate: ours = the predicted saving (%, XLA FLOPs per compiled stage)
+    of DenseNet-BC-76, compared only at the real depth 76 (``model_kwargs``: network -> the kwargs
+    it ran with); abstract (CIFAR-100 only): ours = the largest measured wall-clock saving among
+    points whose accuracy loss against the baseline is within the paper's, and that loss."""
+    ours, kw = {}, (model_kwargs or {}).get("densenet_bc76", {})
+    for r in runs:  # predicted FLOP saving of DenseNet-BC-76 (scaled and unscaled plan the same freeze steps)
+        if r.get("network") == "densenet_bc76" and r["label"] != "baseline" and kw.get("depth", 76) == 76:
+            key = ("flop_estimate", DENSENET_BC76, flop_column(r["spacing"], r["t0"]))
+            if r["scaled"] or key not in ours:
+                ours[key] = 100 * r["predicted_saving"]
+    budget = {c.row: c.value for c in CELLS if c.table == "abstract" and c.metric == "accuracy_loss_pct"}
+    for net, row in ABSTRACT_ROWS.items():
+        mine = [r for r in runs if r.get("network") == net]
+        base = [r["test_accuracy"] for r in mine if r["label"] == "baseline"]
+        if not mine or not base or dataset != "cifar100":
+            continue
+        ref = 100 * sum(base) / len(base)
+        ok = [(100 * r["measured_saving"], ref - 100 * r["test_accuracy"]) for r in mine
+              if r["label"] != "baseline" and r["measured_saving"] is not None and ref - 100 * r["test_accuracy"] <= budget[row]]
+        if ok:
+            saving, loss = max(ok)
+            ours[("abstract", row, "C100/best speedup")] = saving
+            ours[("abstract", row, "C100/accuracy loss")] = loss
+    return side_by_side(CELLS, ours)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from mergejax.core.models.core import apply_model, count_params, init_variables, run_layers, scaled
 from mergejax.core.models.densenet import DenseNet
@@ -37,14 +38,44 @@ MODELS = {
 def make_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build a model by name, e.g. ``make_model('resnet20', 10, width=2.0)``. List arguments
     (``--set model_kwargs.hidden=[16,8]``) become tuples, so the model is hashable and equal
-    configs share compiled steps."""
+    configs share compiled steps. ``dtype`` (compute dtype) may be a name (``"bfloat16"``,
+    ``"float32"``) or a dtype; ``None`` (default) computes in the parameters' dtype."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if kwargs.get("dtype") is not None:
+        kwargs["dtype"] = compute_dtype(kwargs["dtype"])
     return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+#: Training precisions (``train_config().precision``) -> model compute dtype (None: the parameters',
+#: float32, i.e. the model exactly as without a precision). Parameters, optimizer state, BatchNorm
+#: statistics and the loss stay float32 in both.
+PRECISIONS = {"fp32": None, "bf16": "bfloat16"}
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """``dtype`` (a name such as ``"bfloat16"``, or a dtype) as a floating ``jnp.dtype``; one
+    canonical value, so models built from a config string and from ``jnp.bfloat16`` compare equal."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown model dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"model dtype must be floating point, got {dt.name}")
+    return dt
+
+
+def precision_dtype(precision: str) -> jnp.dtype | None:
+    """The model ``dtype`` of a training ``precision``: ``"fp32"`` -> None (the default: float32
+    parameters, float32 compute), ``"bf16"`` -> bfloat16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}")
+    return None if PRECISIONS[precision] is None else compute_dtype(PRECISIONS[precision])
 
 
 __all__ = [
     "MLP", "SmallCNN", "ResNet", "WideResNet", "VGG", "DenseNet", "MODELS", "make_model",
+    "PRECISIONS", "compute_dtype", "precision_dtype",
     "init_variables", "apply_model", "count_params", "run_layers", "scaled",
 ]

@@ -24,12 +24,25 @@ def scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def batch_norm(train: bool, name: str | None = None, axis_name: str | None = None) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str | None = None, axis_name: str | None = None, dtype: Any = None) -> nn.BatchNorm:
     """BatchNorm over (B, H, W) per channel. ``axis_name``: a named (mesh/pmap) axis over
     which the training batch moments are averaged (synchronised BN: the statistics of the
-    global batch); ``None`` (default) uses this device's batch only."""
+    global batch); ``None`` (default) uses this device's batch only. ``dtype``: output dtype;
+    the moments, scale/bias and running statistics stay float32 (Flax's
+    ``force_float32_reductions``, on by default)."""
     # momentum 0.9 == PyTorch's momentum=0.1; eps as in PyTorch.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis_name=axis_name, dtype=dtype,
+                        name=name)
+
+
+def to_compute(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` in the compute dtype (model entry); ``dtype=None`` leaves it as it is."""
+    return x if dtype is None else jnp.asarray(x, dtype)
+
+
+def to_logits(y: jax.Array) -> jax.Array:
+    """Logits at least float32 (bf16 -> float32, float64 kept), so softmax and the loss run in fp32."""
+    return y.astype(jnp.promote_types(y.dtype, jnp.float32))
 
 
 def run_layers(layers: Sequence[Callable], x: jax.Array, train: bool, frozen: int) -> jax.Array:
@@ -47,20 +60,21 @@ def run_layers(layers: Sequence[Callable], x: jax.Array, train: bool, frozen: in
 
 class Head(nn.Module):
     """Optional BN-ReLU, global average pool over (H, W) if the input is 4-D, then Dense
-    (with a bias unless ``use_bias=False``)."""
+    (with a bias unless ``use_bias=False``). Computes in ``dtype``; logits at least float32."""
 
     num_classes: int
     pre_norm: bool = False
     bn_axis_name: str | None = None  # synchronised BN over this named axis (see batch_norm)
     use_bias: bool = True
+    dtype: Any = None  # compute dtype (see MLP)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.pre_norm:
-            x = nn.relu(batch_norm(train, name="bn", axis_name=self.bn_axis_name)(x))
+            x = nn.relu(batch_norm(train, name="bn", axis_name=self.bn_axis_name, dtype=self.dtype)(x))
         if x.ndim == 4:
             x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="dense")(x)
+        return to_logits(nn.Dense(self.num_classes, use_bias=self.use_bias, dtype=self.dtype, name="dense")(x))
 
 
 def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> tuple[Params, Params]:

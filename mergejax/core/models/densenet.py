@@ -18,24 +18,25 @@ a transition returns a 1-tuple.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mergejax.core.models.core import batch_norm, conv_init, run_layers, scaled
+from mergejax.core.models.core import batch_norm, conv_init, run_layers, scaled, to_compute, to_logits
 
 
-def _conv(features, kernel, name):
-    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, use_bias=False, kernel_init=conv_init, name=name)
+def _conv(features, kernel, name, dtype=None):
+    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
 
 
-def _read(segments, features, kernel, train, axis_name):
+def _read(segments, features, kernel, train, axis_name, dtype=None):
     """conv(relu(bn(concat(segments)))) as a sum over segments: sub-layers ``in{j}_bn`` and
     ``in{j}_conv`` of the calling module for segment j (B, H, W, c_j) -> (B, H, W, features)."""
     out = 0.0
     for j, s in enumerate(segments):
-        a = nn.relu(batch_norm(train, name=f"in{j}_bn", axis_name=axis_name)(s))
-        out = out + _conv(features, kernel, f"in{j}_conv")(a)
+        a = nn.relu(batch_norm(train, name=f"in{j}_bn", axis_name=axis_name, dtype=dtype)(s))
+        out = out + _conv(features, kernel, f"in{j}_conv", dtype)(a)
     return out
 
 
@@ -47,15 +48,16 @@ class DenseLayer(nn.Module):
     bottleneck: bool = False
     dropout: float = 0.0
     bn_axis_name: str | None = None
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, segments, train: bool = False):
-        ax = self.bn_axis_name
+        ax, dt = self.bn_axis_name, self.dtype
         if self.bottleneck:
-            y = nn.Dropout(self.dropout, deterministic=not train)(_read(segments, 4 * self.growth, 1, train, ax))
-            y = _conv(self.growth, 3, "conv")(nn.relu(batch_norm(train, name="bn", axis_name=ax)(y)))
+            y = nn.Dropout(self.dropout, deterministic=not train)(_read(segments, 4 * self.growth, 1, train, ax, dt))
+            y = _conv(self.growth, 3, "conv", dt)(nn.relu(batch_norm(train, name="bn", axis_name=ax, dtype=dt)(y)))
         else:
-            y = _read(segments, self.growth, 3, train, ax)
+            y = _read(segments, self.growth, 3, train, ax, dt)
         return (*segments, nn.Dropout(self.dropout, deterministic=not train)(y))
 
 
@@ -66,38 +68,41 @@ class Transition(nn.Module):
     features: int
     dropout: float = 0.0
     bn_axis_name: str | None = None
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, segments, train: bool = False):
-        y = nn.Dropout(self.dropout, deterministic=not train)(_read(segments, self.features, 1, train, self.bn_axis_name))
+        y = nn.Dropout(self.dropout, deterministic=not train)(_read(segments, self.features, 1, train, self.bn_axis_name, self.dtype))
         return (nn.avg_pool(y, (2, 2), (2, 2)),)
 
 
 class _Stem(nn.Module):
     features: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        return (_conv(self.features, 3, "conv")(x),)
+        return (_conv(self.features, 3, "conv", self.dtype)(x),)
 
 
 class _Head(nn.Module):
     """BN-ReLU, global average pool and Dense over the concatenated segments, as ``in{j}_bn`` and
     ``in{j}_dense`` per segment j; only ``in0_dense`` has the bias. Each slice's kernel is drawn with
-    the variance of one lecun-normal Dense over all N inputs (1/N). Segments -> (B, K)."""
+    the variance of one lecun-normal Dense over all N inputs (1/N). Segments -> (B, K), at least float32."""
 
     num_classes: int
     bn_axis_name: str | None = None
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, segments, train: bool = False):
         total = sum(s.shape[-1] for s in segments)
         logits = 0.0
         for j, s in enumerate(segments):
-            a = jnp.mean(nn.relu(batch_norm(train, name=f"in{j}_bn", axis_name=self.bn_axis_name)(s)), axis=(1, 2))
+            a = jnp.mean(nn.relu(batch_norm(train, name=f"in{j}_bn", axis_name=self.bn_axis_name, dtype=self.dtype)(s)), axis=(1, 2))
             init = nn.initializers.variance_scaling(s.shape[-1] / total, "fan_in", "truncated_normal")
-            logits = logits + nn.Dense(self.num_classes, use_bias=j == 0, kernel_init=init, name=f"in{j}_dense")(a)
-        return logits
+            logits = logits + nn.Dense(self.num_classes, use_bias=j == 0, kernel_init=init, dtype=self.dtype, name=f"in{j}_dense")(a)
+        return to_logits(logits)
 
 
 class DenseNet(nn.Module):
@@ -110,6 +115,7 @@ class DenseNet(nn.Module):
     width, then scaled, so width 2 doubles every unit group). ``dropout`` > 0 (after every conv
     but the stem, as in the DenseNet paper) needs a ``'dropout'`` rng in training.
     ``bn_axis_name``: synchronised BatchNorm over that named axis (None: per-device).
+    ``dtype``: compute dtype (see :class:`~mergejax.core.models.MLP`).
     Input (B, H, W, C) -> (B, num_classes); H, W divisible by 4.
     """
 
@@ -121,6 +127,7 @@ class DenseNet(nn.Module):
     dropout: float = 0.0
     width: float = 1.0
     bn_axis_name: str | None = None
+    dtype: Any = None
 
     def _plan(self):
         """(stem channels, growth, layers per block, (trans1, trans2) channels), all scaled."""
@@ -176,11 +183,11 @@ class DenseNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
         stem, growth, _, trans = self._plan()
-        ax = self.bn_axis_name
-        layers = [_Stem(stem, name="stem")]
+        ax, dt = self.bn_axis_name, self.dtype
+        layers = [_Stem(stem, dt, name="stem")]
         for name in self.layer_names()[1:-1]:
             if name.startswith("trans"):
-                layers.append(Transition(trans[int(name[-1]) - 1], self.dropout, ax, name=name))
+                layers.append(Transition(trans[int(name[-1]) - 1], self.dropout, ax, dt, name=name))
             else:
-                layers.append(DenseLayer(growth, self.bottleneck, self.dropout, ax, name=name))
-        return run_layers(layers + [_Head(self.num_classes, ax, name="head")], x, train, frozen)
+                layers.append(DenseLayer(growth, self.bottleneck, self.dropout, ax, dt, name=name))
+        return run_layers(layers + [_Head(self.num_classes, ax, dt, name="head")], to_compute(x, dt), train, frozen)

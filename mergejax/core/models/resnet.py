@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 
-from mergejax.core.models.core import Head, batch_norm, conv_init, run_layers, scaled
+from mergejax.core.models.core import Head, batch_norm, conv_init, run_layers, scaled, to_compute
 from mergejax.core.models.mlp import ConvBNReLU
 
 
-def _conv(features, kernel, strides, name):
+def _conv(features, kernel, strides, name, dtype=None):
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides, padding=pad, use_bias=False, kernel_init=conv_init, name=name)
+    return nn.Conv(features, (kernel, kernel), strides, padding=pad, use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -22,15 +24,16 @@ class BasicBlock(nn.Module):
     strides: int = 1
     bn_axis_name: str | None = None
     dropout: float = 0.0
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        ax = self.bn_axis_name
-        y = nn.relu(batch_norm(train, name="bn1", axis_name=ax)(_conv(self.features, 3, self.strides, "conv1")(x)))
+        ax, dt = self.bn_axis_name, self.dtype
+        y = nn.relu(batch_norm(train, name="bn1", axis_name=ax, dtype=dt)(_conv(self.features, 3, self.strides, "conv1", dt)(x)))
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = batch_norm(train, name="bn2", axis_name=ax)(_conv(self.features, 3, 1, "conv2")(y))
+        y = batch_norm(train, name="bn2", axis_name=ax, dtype=dt)(_conv(self.features, 3, 1, "conv2", dt)(y))
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = batch_norm(train, name="proj_bn", axis_name=ax)(_conv(self.features, 1, self.strides, "proj_conv")(x))
+            x = batch_norm(train, name="proj_bn", axis_name=ax, dtype=dt)(_conv(self.features, 1, self.strides, "proj_conv", dt)(x))
         return nn.relu(x + y)
 
 
@@ -76,7 +79,7 @@ class ResNet(nn.Module):
     ``widen=4``, depth 32: the snapshot-ensembles paper's "Wide-ResNet-32" (every conv, the
     stem included, 4x wider; post-activation blocks as in fb.resnet.torch). ``dropout`` > 0
     needs a ``'dropout'`` rng in training. ``bn_axis_name``: synchronised BatchNorm over that
-    named axis (None: per-device).
+    named axis (None: per-device). ``dtype``: compute dtype (see :class:`~mergejax.core.models.MLP`).
     """
 
     num_classes: int
@@ -85,6 +88,7 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     widen: int = 1
     dropout: float = 0.0
+    dtype: Any = None
 
     def _plan(self):
         if (self.depth - 2) % 6:
@@ -100,10 +104,10 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
-        ax = self.bn_axis_name
-        layers = [ConvBNReLU(scaled(16 * self.widen, self.width), bn_axis_name=ax, name="stem")]
-        layers += [BasicBlock(f, s, bn_axis_name=ax, dropout=self.dropout, name=name) for name, f, s in self._plan()]
-        return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, name="head")], x, train, frozen)
+        ax, dt = self.bn_axis_name, self.dtype
+        layers = [ConvBNReLU(scaled(16 * self.widen, self.width), bn_axis_name=ax, dtype=dt, name="stem")]
+        layers += [BasicBlock(f, s, bn_axis_name=ax, dropout=self.dropout, dtype=dt, name=name) for name, f, s in self._plan()]
+        return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, dtype=dt, name="head")], to_compute(x, dt), train, frozen)
 
 
 class WideBlock(nn.Module):
@@ -114,16 +118,18 @@ class WideBlock(nn.Module):
     strides: int = 1
     dropout: float = 0.0
     bn_axis_name: str | None = None
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        a = nn.relu(batch_norm(train, name="bn1", axis_name=self.bn_axis_name)(x))
-        y = _conv(self.features, 3, self.strides, "conv1")(a)
-        y = nn.relu(batch_norm(train, name="bn2", axis_name=self.bn_axis_name)(y))
+        ax, dt = self.bn_axis_name, self.dtype
+        a = nn.relu(batch_norm(train, name="bn1", axis_name=ax, dtype=dt)(x))
+        y = _conv(self.features, 3, self.strides, "conv1", dt)(a)
+        y = nn.relu(batch_norm(train, name="bn2", axis_name=ax, dtype=dt)(y))
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        y = _conv(self.features, 3, 1, "conv2")(y)
+        y = _conv(self.features, 3, 1, "conv2", dt)(y)
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.strides, "proj_conv")(a)
+            x = _conv(self.features, 1, self.strides, "proj_conv", dt)(a)
         return x + y
 
 
@@ -132,7 +138,8 @@ class WideResNet(nn.Module):
     16k/32k/64k channels, ``head`` (BN-ReLU, pool, Dense). WRN-28-10 has ~36.5M params.
 
     ``dropout`` > 0 needs a ``'dropout'`` rng in training. ``bn_axis_name``: synchronised
-    BatchNorm over that named axis (None: per-device).
+    BatchNorm over that named axis (None: per-device). ``dtype``: compute dtype (see
+    :class:`~mergejax.core.models.MLP`).
     """
 
     num_classes: int
@@ -141,6 +148,7 @@ class WideResNet(nn.Module):
     dropout: float = 0.0
     width: float = 1.0
     bn_axis_name: str | None = None
+    dtype: Any = None
 
     def _plan(self):
         if (self.depth - 4) % 6:
@@ -157,15 +165,17 @@ class WideResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
-        layers = [_Stem(scaled(16, self.width), name="stem")]
-        ax = self.bn_axis_name
-        layers += [WideBlock(f, s, self.dropout, bn_axis_name=ax, name=name) for name, f, s in self._plan()]
-        return run_layers(layers + [Head(self.num_classes, pre_norm=True, bn_axis_name=ax, name="head")], x, train, frozen)
+        ax, dt = self.bn_axis_name, self.dtype
+        layers = [_Stem(scaled(16, self.width), dt, name="stem")]
+        layers += [WideBlock(f, s, self.dropout, bn_axis_name=ax, dtype=dt, name=name) for name, f, s in self._plan()]
+        head = Head(self.num_classes, pre_norm=True, bn_axis_name=ax, dtype=dt, name="head")
+        return run_layers(layers + [head], to_compute(x, dt), train, frozen)
 
 
 class _Stem(nn.Module):
     features: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        return _conv(self.features, 3, 1, "conv")(x)
+        return _conv(self.features, 3, 1, "conv", self.dtype)(x)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 
-from mergejax.core.models.core import Head, conv_init, run_layers, scaled
+from mergejax.core.models.core import Head, conv_init, run_layers, scaled, to_compute
 from mergejax.core.models.mlp import ConvBNReLU, conv_stack_table
 
 # Channels per conv; "M" = 2x2 max-pool after the previous conv.
@@ -22,10 +24,12 @@ class ConvReLU(nn.Module):
     features: int
     pool: bool = False
     use_bias: bool = True
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(nn.Conv(self.features, (3, 3), padding=1, use_bias=self.use_bias, kernel_init=conv_init, name="conv")(x))
+        conv = nn.Conv(self.features, (3, 3), padding=1, use_bias=self.use_bias, kernel_init=conv_init, dtype=self.dtype, name="conv")
+        x = nn.relu(conv(x))
         return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
 
 
@@ -39,6 +43,7 @@ class VGG(nn.Module):
     VGG-11). ``bias``: biases where no BatchNorm follows (the classifier; with ``norm=False``
     also every conv). The merging authors' VGG-11 has no biases at all
     (fmfi-compbio/neural-network-merging, cifar10_vgg11/teacher.py: ``bias=False``).
+    ``dtype``: compute dtype (see :class:`~mergejax.core.models.MLP`).
     """
 
     num_classes: int
@@ -47,6 +52,7 @@ class VGG(nn.Module):
     bn_axis_name: str | None = None
     norm: bool = True
     bias: bool = True
+    dtype: Any = None
 
     def _plan(self):
         if self.depth not in CONFIGS:
@@ -65,9 +71,12 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
-        ax = self.bn_axis_name
+        ax, dt = self.bn_axis_name, self.dtype
         if self.norm:
-            layers = [ConvBNReLU(scaled(c, self.width), pool=p, bn_axis_name=ax, name=f"conv{i}") for i, (c, p) in enumerate(self._plan())]
+            layers = [ConvBNReLU(scaled(c, self.width), pool=p, bn_axis_name=ax, dtype=dt, name=f"conv{i}")
+                      for i, (c, p) in enumerate(self._plan())]
         else:
-            layers = [ConvReLU(scaled(c, self.width), pool=p, use_bias=self.bias, name=f"conv{i}") for i, (c, p) in enumerate(self._plan())]
-        return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, use_bias=self.bias, name="head")], x, train, frozen)
+            layers = [ConvReLU(scaled(c, self.width), pool=p, use_bias=self.bias, dtype=dt, name=f"conv{i}")
+                      for i, (c, p) in enumerate(self._plan())]
+        head = Head(self.num_classes, bn_axis_name=ax, use_bias=self.bias, dtype=dt, name="head")
+        return run_layers(layers + [head], to_compute(x, dt), train, frozen)
