@@ -9,7 +9,8 @@ ensemble (= big student at step 0), the big student after G epochs of gate learn
 after compression and after F epochs of fine-tuning; baselines: naive and permutation-aligned weight
 averages (BN statistics kept or recomputed) and a double-width network trained 2T epochs, then gated,
 compressed and fine-tuned alike. Cost in epochs and teacher-epoch FLOPs (double width ~ 4).
-Resumable units ``units/seed<k>/<stage>``; later units load the networks earlier ones saved.
+Resumable units ``units/seed<k>/<stage>``; later units load the networks earlier ones saved. With
+``models_per_program`` >= 2 (0 = auto: 1 on CPU) the two teachers train as one vmapped program (unit ``teachers``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from mergejax.experiment import config_file, experiment_main, unit
 from mergejax.merging import report as merge_report
 from mergejax.merging.concat import concat
 from mergejax.merging.pipeline import compress_stage, double_width, evaluate_vars, gate_stage, seed_of
-from mergejax.run import setup, train_and_evaluate
+from mergejax.run import seed_groups, setup, train_and_evaluate, train_and_evaluate_many
 
 NAME, ORDER = "merge_networks", 40
 CONFIG = config_file(__file__)  # configs/merge_networks.py
@@ -49,7 +50,10 @@ def run_seed(config, seed: int, train, test, out_dir: str, progress: bool) -> di
     names = ("teacher_a", "teacher_b", "long_teacher", "long_teacher_flops", "gates", "merged", "double_width",
              "double_width_gates", "double_width_pruned")
     keys = dict(zip(names, jax.random.split(jax.random.key(seed), len(names))))
-    path = lambda name, item="variables": os.path.join(out_dir, "units", f"seed{seed}", name, item)  # noqa: E731
+    ab_seeds = [seed_of(keys[n]) for n in AB]  # both teachers in one vmapped program when models_per_program allows
+    joint = len(seed_groups(config.teacher, ab_seeds, config.models_per_program)) == 1
+    path = lambda name, item="variables": os.path.join(out_dir, "units", f"seed{seed}",  # noqa: E731
+                                                       *(("teachers",) if joint and name in AB else ()), name, item)
     model = make_model(config.teacher.model, train.num_classes, **dict(config.teacher.model_kwargs))
     big, (gate_args, finetune_args), u = double_width(model), stage_args(config.merge, len(train)), {}
 
@@ -64,6 +68,12 @@ def run_seed(config, seed: int, train, test, out_dir: str, progress: bool) -> di
                                             setup_=setup(cfg, train=train, test=test))
         checkpoint.save(os.path.join(wd, "variables"), variables_of(state.params, state.batch_stats), overwrite=True)
         return summary
+
+    def teachers(wd, cfg):  # train_and_evaluate_many of both teachers; each saved to wd/<name>/variables
+        states, summaries = train_and_evaluate_many(cfg, ab_seeds, os.path.join(wd, "fit"), progress=progress)
+        for name, state in zip(AB, states):
+            checkpoint.save(os.path.join(wd, name, "variables"), variables_of(state.params, state.batch_stats), overwrite=True)
+        return dict(zip(AB, summaries))
 
     def averaged(wd, aligned):  # (aligned) weight average, with its own and with recomputed BN statistics
         a, b = (checkpoint.load(path(n)) for n in AB)
@@ -86,7 +96,12 @@ def run_seed(config, seed: int, train, test, out_dir: str, progress: bool) -> di
 
     epochs = {"teacher_a": T, "teacher_b": T, "long_teacher": 2 * T + G + F, "long_teacher_flops": 2 * T + 4 * G + F}
     width2 = {**dict(config.teacher.model_kwargs), "width": float(config.teacher.model_kwargs.get("width", 1.0)) * 2}
-    for name in (n for n in epochs if n != "long_teacher_flops" or n in config.baselines):
+    if joint:
+        cfg = replace(config.teacher, epochs=float(T))
+        do("teachers", lambda wd: teachers(wd, cfg), {"train": to_dict(cfg), "seeds": ab_seeds})
+        t = u.pop("teachers")  # one program's time, counted once
+        u.update({n: {**t[n], "unit_time_s": t["unit_time_s"] if n == AB[0] else 0.0} for n in AB})
+    for name in (n for n in epochs if (n != "long_teacher_flops" or n in config.baselines) and not (joint and n in AB)):
         cfg = replace(config.teacher, seed=seed_of(keys[name]), epochs=float(epochs[name]))
         do(name, lambda wd, cfg=cfg: teacher(wd, cfg), cfg)
     for name in (n for n in ("naive_average", "aligned_average") if n in config.baselines):

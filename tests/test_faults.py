@@ -260,3 +260,37 @@ def test_merge_killed_at_random_moments_gives_the_uninterrupted_student(tmp_path
     sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (ref, out))
     for key in ("big_student_after_gates", "after_compression", "after_finetune"):
         assert sa[key] == sb[key], key
+
+
+@pytest.mark.slow
+def test_vmapped_seeds_killed_at_random_moments_give_the_uninterrupted_models(tmp_path):
+    """``mergejax train --set 'seeds=(0,1)' --set models_per_program=2``: real SIGKILLs, then a re-run,
+    end with every model's arrays and each seed's summary equal to an uninterrupted run."""
+    args = ["train", *TRAIN[:-1], "--set", "seeds=(0,1)", "--set", "models_per_program=2", "--quiet"]
+    ref = str(tmp_path / "ref")
+    proc = subprocess.run([*_cmd(), *args, "--out", ref], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, rng, hits = str(tmp_path / "run"), random.Random(2), 0
+    for extra in [rng.uniform(0.0, 0.4) for _ in range(4)]:  # each time a new checkpoint is written, kill a bit later
+        seen = _newest_step(os.path.join(out, "seeds_0_1"))
+        proc = subprocess.Popen([*_cmd(), *args, "--out", out], env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _newest_step(os.path.join(out, "seeds_0_1")) <= seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(extra)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            hits += 1
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
+    done = subprocess.run([*_cmd(), *args, "--out", out], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert hits >= 2, hits
+    _tree_equal(os.path.join(ref, "seeds_0_1", "checkpoints", "600"), os.path.join(out, "seeds_0_1", "checkpoints", "600"))
+    sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (ref, out))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]  # noqa: E731
+    assert strip(sa["per_seed"]) == strip(sb["per_seed"]) and [r["seed"] for r in sa["per_seed"]] == [0, 1]
+    steps = [json.loads(l)["step"] for l in open(os.path.join(out, "seeds_0_1", "metrics.jsonl"))
+             if '"train"' in l and '"model": 0' in l]
+    assert steps == list(range(5, 601, 5))  # no repeated or missing records after the kills

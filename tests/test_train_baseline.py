@@ -35,3 +35,21 @@ def test_vmapped_seeds_equal_solo_seeds_and_resume(tmp_path):
     # a re-run reads the finished unit: the same results, no retraining
     again = run_experiment(mod, override(base, ["models_per_program=2"]), str(tmp_path / "n2"), progress=False)
     assert again["results"]["runs"] == many
+
+
+def test_merge_teachers_in_one_program_equal_solo_teachers(tmp_path):
+    """experiments/merge_networks.py with models_per_program=2 trains both teachers as one vmapped
+    program (unit ``teachers``); each equals its solo run and the later stages read them."""
+    mod = load_experiment("merge_networks")
+    base = override(mod.get_config("smoke"), ["baselines=('naive_average',)"])
+    out = {}
+    for n in (1, 2):
+        d = tmp_path / f"n{n}"
+        run_experiment(mod, override(base, [f"models_per_program={n}"]), str(d), progress=False)
+        out[n] = json.loads((d / "results.json").read_text())["runs"][0]
+        units = sorted(p.name for p in (d / "units" / "seed0").iterdir())
+        assert ("teachers" in units) == (n == 2) and ("teacher_a" in units) == (n == 1), units
+    for key in ("teacher_a", "teacher_b", "naive_average", "ensemble"):
+        assert abs(out[1][key] - out[2][key]) <= 1 / 360 + 1e-9, (key, out[1][key], out[2][key])  # one test image at most
+    seeds = out[1]["seeds"]
+    assert seeds == out[2]["seeds"] and seeds["teacher_a"] != seeds["teacher_b"]  # two different teachers, same seeds both ways

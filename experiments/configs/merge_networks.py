@@ -43,6 +43,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     group per row: ``--set rows=('vgg11_c10',)`` runs one of them."""
     c = ml_collections.ConfigDict()
     c.seeds, c.baselines = (0, 1, 2), ("long_teacher_flops", "naive_average", "aligned_average", "double_width_pruned")
+    c.models_per_program = 0  # 2: both teachers in one vmapped program; 0 = auto (1 on CPU; GPU/TPU: if they fit)
     c.rows = ()  # empty: the top-level teacher/merge
     if preset == "paper":
         c.rows = ROWS
@@ -70,7 +71,8 @@ def settings(config: ml_collections.ConfigDict) -> list[tuple[str | None, ml_col
         raise ValueError(f"rows {unknown} have no config group; available: {', '.join(r for r in ROWS if r in config)}")
     out = []
     for row in config.rows:
-        c = ml_collections.ConfigDict({"seeds": config.seeds, "baselines": config.baselines, "rows": ()})
+        c = ml_collections.ConfigDict({"seeds": config.seeds, "baselines": config.baselines, "rows": (),
+                                       "models_per_program": config.models_per_program})
         c.teacher, c.merge = config[row].teacher, config[row].merge
         out.append((row, c))
     return out
