@@ -62,17 +62,17 @@ def _newest_step(out):
         return 0
 
 
-def _kill_and_resume(tmp_path, out, extra_delays):
-    """Run ``mergejax train`` into ``out``; each time it has written a new checkpoint, SIGKILL
-    it after a further random delay (landing in a step, a checkpoint write, a log write...);
-    then let it finish. Returns how many kills hit a live process."""
-    hits = 0
+def _kill_and_resume(tmp_path, out, extra_delays, args=("train", *TRAIN), checkpoints=None):
+    """Run ``mergejax *args --out out``; each time it has written a new checkpoint (under
+    ``checkpoints``, default ``out``), SIGKILL it after a further random delay (landing in a step,
+    a checkpoint write, a log write...); then let it finish. Returns how many kills hit a live process."""
+    hits, checkpoints = 0, checkpoints or out
     for extra in extra_delays:
-        seen = _newest_step(out)
-        proc = subprocess.Popen([*_cmd(), "train", *TRAIN, "--out", out], env=_env(tmp_path),
+        seen = _newest_step(checkpoints)
+        proc = subprocess.Popen([*_cmd(), *args, "--out", out], env=_env(tmp_path),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
-        while proc.poll() is None and _newest_step(out) <= seen and time.monotonic() < deadline:
+        while proc.poll() is None and _newest_step(checkpoints) <= seen and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(extra)
         if proc.poll() is None:
@@ -80,8 +80,8 @@ def _kill_and_resume(tmp_path, out, extra_delays):
             hits += 1
         _, err = proc.communicate()
         assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
-    done = subprocess.run([*_cmd(), "train", *TRAIN, "--out", out], env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([*_cmd(), *args, "--out", out], env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return hits
 
@@ -270,22 +270,8 @@ def test_vmapped_seeds_killed_at_random_moments_give_the_uninterrupted_models(tm
     ref = str(tmp_path / "ref")
     proc = subprocess.run([*_cmd(), *args, "--out", ref], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out, rng, hits = str(tmp_path / "run"), random.Random(2), 0
-    for extra in [rng.uniform(0.0, 0.4) for _ in range(4)]:  # each time a new checkpoint is written, kill a bit later
-        seen = _newest_step(os.path.join(out, "seeds_0_1"))
-        proc = subprocess.Popen([*_cmd(), *args, "--out", out], env=_env(tmp_path), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and _newest_step(os.path.join(out, "seeds_0_1")) <= seen and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(extra)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            hits += 1
-        _, err = proc.communicate()
-        assert proc.returncode in (0, -signal.SIGKILL), err[-2000:]
-    done = subprocess.run([*_cmd(), *args, "--out", out], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out, rng = str(tmp_path / "run"), random.Random(2)
+    hits = _kill_and_resume(tmp_path, out, [rng.uniform(0.0, 0.4) for _ in range(4)], args, os.path.join(out, "seeds_0_1"))
     assert hits >= 2, hits
     _tree_equal(os.path.join(ref, "seeds_0_1", "checkpoints", "600"), os.path.join(out, "seeds_0_1", "checkpoints", "600"))
     sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (ref, out))
