@@ -8,16 +8,17 @@ import os
 import time
 
 import jax
-
-from mergejax.core import data as data_lib
 import ml_collections
 
+from mergejax.averaging import parallel
 from mergejax.config import to_dict
-from mergejax.core.models import make_model
-from mergejax.core.optim import make_schedule
+from mergejax.core import data as data_lib
+from mergejax.core import multi
+from mergejax.core.errors import UserError
 from mergejax.core.loop import evaluate, fit, read_metrics
-from mergejax.core.optim import make_optimizer
-from mergejax.core.train import TrainState, create_state
+from mergejax.core.models import make_model, precision_dtype
+from mergejax.core.optim import make_optimizer, make_schedule
+from mergejax.core.train import TrainState, create_state, model_apply_fn
 
 
 CACHE_ENV = "MERGEJAX_COMPILATION_CACHE"
@@ -79,8 +80,6 @@ def setup(config: ml_collections.ConfigDict, *, train: data_lib.Split | None = N
     ``config.seed`` in :func:`fit`). ``config.precision`` ("fp32" | "bf16") sets the model's
     compute dtype; an unknown one is refused before any data is loaded.
     """
-    from mergejax.core.models import precision_dtype  # local: this edit owns only setup()
-
     dtype = precision_dtype(config.get("precision", "fp32"))
     train = train if train is not None else data_lib.load(config.dataset, "train")
     test = test if test is not None else data_lib.load(config.dataset, "test")
@@ -120,10 +119,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     are drawn per device). With one device it is the plain single-device step, bit for bit.
     The returned state holds the plain model on one device.
     """
-    from mergejax.averaging import parallel
-    from mergejax.core.errors import UserError
-    from mergejax.core.train import model_apply_fn
-
     devices = parallel.resolve_devices(config.get("devices", 0), config.batch_size)  # refuse before loading data
     s = setup_ or setup(config)
     state, step_fn = s.state, None
@@ -176,8 +171,6 @@ def train_and_evaluate_many(config: ml_collections.ConfigDict, seeds, workdir: s
     states and per seed a summary shaped like ``train_and_evaluate``'s plus ``seed``
     (``wall_time_s``: the whole group's training time; ``history``: this model's records).
     """
-    from mergejax.core import multi  # local: this function is the module's only user
-
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
@@ -218,8 +211,6 @@ def seed_groups(config: ml_collections.ConfigDict, seeds, models_per_program: in
     one: :func:`train_and_evaluate`). ``models_per_program``: seeds per group; 0 = auto
     (:func:`mergejax.core.multi.models_per_program`: 1 on CPU, on an accelerator as many as fit
     in its free memory at the measured bytes of ``config``'s step)."""
-    from mergejax.core import multi
-
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct ints, at least one, e.g. seeds=(0,1,2), got {tuple(seeds)}")
     seeds = list(seeds)
