@@ -2,9 +2,9 @@
 
 (a) local SGD (K local steps, then average weights) vs synchronous gradient averaging on the same batches, for SGD
     and momentum; (b) naive vs weight-matched (Git Re-Basin) interpolation of two independently trained networks;
-(c) best single vs uniform vs greedy soup of fine-tunes; (d) local SGD across 2 real processes (jax.distributed).
-Units (re-runs read finished ones from disk): ``divergence/<opt>/seed<s>``, ``interp/seed<s>/net0|net1|path``,
-``soups/seed<s>/pretrain|finetune<i>|soup``, ``two_process``; (b), (c) ``fit`` in ``<unit>/fit`` (checkpointed).
+(c) best single vs uniform vs greedy soup of fine-tunes; (d) local SGD across 2 real processes (jax.distributed). Units (re-runs
+read finished ones): ``divergence/<opt>/seed<s>``, ``interp/seed<s>/net0|net1|path`` (``nets``: both in one vmapped program with
+``models_per_program`` 2), ``soups/seed<s>/pretrain|finetune<i>|soup``, ``two_process``; (b), (c) ``fit`` in ``<unit>/fit``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import numpy as np
 
 from mergejax import report
 from mergejax.averaging import connectivity, distributed, local_sgd, report as averaging_report, soups
+from mergejax.averaging.parallel import resolve_devices
 from mergejax.config import to_dict
 from mergejax.core import checkpoint, data as data_lib
 from mergejax.core.loop import evaluate, fit
 from mergejax.core.models import make_model
+from mergejax.core.multi import fit_many, models_per_program, spread_devices, step_memory_bytes
 from mergejax.core.optim import make_optimizer
 from mergejax.core.train import create_state
 from mergejax.experiment import config_file, experiment_main, unit
@@ -69,14 +71,28 @@ def aligned_pair(config, out_dir, seed, train, test, progress):
     fresh = lambda key: create_state(model, jax.random.key(key), (1, *train.images.shape[1:]), tx)  # noqa: E731
     cfg = _pick(config, "pair_hidden", "pair_steps", "pair_lr", "batch_size", seed=seed)
     names = [f"interp/seed{seed}/net{j}" for j in (0, 1)]  # network j: init key 1000 + 2 seed + j, data order 2 seed + j
-    nets = [_fit(out_dir, names[j], {**cfg, "net": j}, lambda j=j: fresh(1000 + 2 * seed + j), train, {"test": test},
-                 steps=config.pair_steps, seed=2 * seed + j, config=config, progress=progress) for j in (0, 1)]
+    if models_per_program(config.models_per_program, 2, bytes_per_model=lambda: step_memory_bytes(
+            fresh(0), train.images.shape[1:], config.batch_size)) == 2:  # one vmapped program: unit interp/seed<s>/nets
+        def pair(workdir):  # each trained state's arrays in <unit>/net<j>
+            states, _ = fit_many([fresh(1000 + 2 * seed + j) for j in (0, 1)], train, seeds=[2 * seed + j for j in (0, 1)],
+                                 num_steps=config.pair_steps, batch_size=config.batch_size, workdir=os.path.join(workdir, "fit"),
+                                 checkpoint_every=config.checkpoint_every, progress=progress, manifest=cfg,
+                                 devices=spread_devices(2, resolve_devices(config.devices)))  # one net per device if 2+
+            for j, state in enumerate(states):
+                checkpoint.save(os.path.join(workdir, f"net{j}"), state.arrays(), overwrite=True)
+            return {f"net{j}": {"test": evaluate(state, test)} for j, state in enumerate(states)}
+        inputs = {f"interp/seed{seed}/nets": unit(out_dir, f"interp/seed{seed}/nets", {**cfg, "nets": [0, 1]}, pair)}
+        restore = lambda j: (lambda like: like.replace_arrays(checkpoint.load(os.path.join(  # noqa: E731
+            out_dir, "units", f"interp/seed{seed}/nets", f"net{j}"), like.arrays())))(fresh(0))
+    else:
+        inputs = {names[j]: _fit(out_dir, names[j], {**cfg, "net": j}, lambda j=j: fresh(1000 + 2 * seed + j), train, {"test": test},
+                                 steps=config.pair_steps, seed=2 * seed + j, config=config, progress=progress) for j in (0, 1)}
+        restore = lambda j: _restore(out_dir, names[j], fresh(0))  # noqa: E731
 
     def fn(workdir):
-        a, b = (_restore(out_dir, n, fresh(0)) for n in names)
-        ts = np.linspace(0, 1, config.interp_points)
+        (a, b), ts = (restore(0), restore(1)), np.linspace(0, 1, config.interp_points)
         return {"seed": seed, **connectivity.naive_vs_aligned(model, a, b, test, ts, rng=np.random.default_rng(seed))}
-    return unit(out_dir, f"interp/seed{seed}/path", {**cfg, "interp_points": config.interp_points}, fn, inputs=dict(zip(names, nets)))
+    return unit(out_dir, f"interp/seed{seed}/path", {**cfg, "interp_points": config.interp_points}, fn, inputs=inputs)
 
 
 def soup(config, out_dir, seed, train, test, progress):

@@ -4,7 +4,9 @@ Per network x dataset x seed (:func:`mergejax.ensembles.swa.training_runs`): the
 Single-Cycle, dropout, snapshot ensembles per a0) and ``extras`` (true ensemble, SWA and its last iterate, FGE, a single model of
 M budgets, weight average of the snapshots). ``table3_ms``: DenseNet-40 on CIFAR-100, a0 = 0.2, M cycles. Units
 ``units/[<net>/<dataset>/]seed<k>/<run>`` train one model each (checkpointed, snapshots on disk); ensembles of final members
-read other units' models. results.json["paper_comparison"]: our errors beside the published cells (:mod:`mergejax.papers`).
+read other units' models; with ``models_per_program`` != 1 (0 = auto: 1 on CPU) members of one schedule (true ensemble 1..M-1,
+single-cycle runs of equal length) train as one vmapped program, unit ``<run>-<first>..<last>`` (final models in its
+``<member>/``). results.json["paper_comparison"]: our errors beside the published cells (:mod:`mergejax.papers`).
 """
 
 from __future__ import annotations
@@ -13,19 +15,17 @@ import os
 import sys
 import time
 
-import jax
-
-from mergejax import papers, report
+from mergejax import report
 from mergejax.config import to_dict
-from mergejax.core import data as data_lib, optim as schedules
+from mergejax.core import checkpoint, data as data_lib, optim as schedules
 from mergejax.core.models import make_model
-from mergejax.core.train import create_state, model_apply_fn
-from mergejax.ensembles.comparison import GridCell, alpha0s, cell_table, comparison_plots, grid, method_rows, paper_values
-from mergejax.ensembles.snapshot import curve_summary, ensemble_curve, final_snapshot, fit_with_snapshots
-from mergejax.ensembles.swa import (RunPlan, budget_step, equal_budget_plans, fge_cycle_steps, swa_model, training_runs,
-                                    weight_average_model, with_swa_average)
+from mergejax.core.train import model_apply_fn
+from mergejax.ensembles.comparison import GridCell, alpha0s, cell_table, grid, method_rows, report_cells
+from mergejax.ensembles.snapshot import curve_summary, ensemble_curve, final_snapshot, fit_members, fit_with_snapshots
+from mergejax.ensembles.swa import (RunPlan, budget_step, equal_budget_plans, fge_cycle_steps, plan_state, swa_model,
+                                    training_runs, weight_average_model)
 from mergejax.experiment import config_file, experiment_main, unit
-from mergejax.run import num_steps
+from mergejax.run import num_steps, seed_groups
 
 NAME, ORDER = "snapshot_ensemble", 20
 CONFIG = config_file(__file__)  # configs/snapshot_ensemble.py
@@ -33,11 +33,12 @@ PRESETS, get_config, plan = CONFIG.PRESETS, CONFIG.get_config, CONFIG.plan
 
 
 def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, sched: dict, progress: bool) -> dict:
-    (train, test), cfg, M, t0, units, finals = data, cell.train, cell.M, time.perf_counter(), {}, {}
+    (train, test), cfg, M, t0, units, finals, stored = data, cell.train, cell.M, time.perf_counter(), {}, {}, {}
     want, a0s = set(cell.methods), alpha0s(cell.methods)
     runs = training_runs(want, total, M, a0s)
     models = {k: make_model(cfg.model, train.num_classes, **dict(cfg.model_kwargs), **kw) for k, kw in
               (("", {}), ("dropout", {"dropout": config.dropout})) if k in ("", *runs)}
+    udir = os.path.join(out_dir, "units", f"{cell.prefix}seed{seed}")
     ucfg = lambda **deps: {"train": to_dict(cfg), "eval_batch_size": config.eval_batch_size, "seed": seed,  # noqa: E731
                            "num_snapshots": M, **deps}
 
@@ -46,27 +47,43 @@ def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, 
         if progress:
             print(f"  {cell.prefix}seed {seed}: {name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    fit_kw, shape = {k: cfg[k] for k in ("batch_size", "log_every", "remainder", "checkpoint_every")}, train.images.shape[1:]
+
     def train_run(name, run_seed, deps, schedule=None, marks=None, curves={}):  # noqa: B006 (read only)
         plan, model = sched[schedule or name], models.get(name, models[""])
 
         def fn(workdir):
-            tx = schedules.make_optimizer(cfg.optimizer, plan.lr_fn, **{k: cfg[k] for k in ("momentum", "nesterov", "weight_decay",
-                                                                                        "grad_clip")})
-            tx = with_swa_average(tx, plan.marks[0], plan.swa_every) if plan.swa_every else tx  # SWA marks: its averages
-            state = create_state(model, jax.random.key(run_seed), (1, *train.images.shape[1:]), tx, lr_fn=plan.lr_fn,
-                                 augment_fn=data_lib.augment_cifar if cfg.augment else None)
-            state, snaps, records = fit_with_snapshots(
-                state, train, plan.marks if marks is None else marks, workdir, num_steps=plan.num_steps, seed=run_seed, progress=False,
-                manifest=ucfg(**deps), **{k: cfg[k] for k in ("batch_size", "log_every", "remainder", "checkpoint_every")})
+            state, snaps, records = fit_with_snapshots(plan_state(plan, model, run_seed, shape, cfg), train, plan.marks if marks
+                                                       is None else marks, workdir, num_steps=plan.num_steps, seed=run_seed,
+                                                       progress=False, manifest=ucfg(**deps), **fit_kw)
             finals[name] = {"params": state.params, "batch_stats": state.batch_stats}  # for the ensemble units below
             t1, losses = time.perf_counter(), [r for r in records if r["split"] == "train"]
             out = {k: ensemble_curve(state.apply_fn, pick(state, snaps), test, config.eval_batch_size) for k, pick in curves.items()}
             return {"curves": out, "losses": losses, "wall_time_s": losses[-1]["time_s"] + time.perf_counter() - t1}
         do(name, deps, fn)
 
+    def members(base, js, seed_of, deps_of, plan_of, marks=None):  # base-<j>: vmapped groups of one schedule, or one by one
+        same = len(js) > 1 and len({sched[plan_of(j)] for j in js}) == 1
+        for g in seed_groups(cfg, js, config.models_per_program) if same else [[j] for j in js]:
+            if len(g) == 1:
+                train_run(f"{base}-{g[0]}", seed_of(g[0]), deps_of(g[0]), plan_of(g[0]), marks=marks)
+                continue
+            names, name, plan = [f"{base}-{j}" for j in g], f"{base}-{g[0]}..{g[-1]}", sched[plan_of(g[0])]
+            stored.update({n: os.path.join(udir, name, n) for n in names})
+
+            def fn(wd, g=g, names=names, plan=plan):
+                out, wall = fit_members([plan_state(plan, models[""], seed_of(j), shape, cfg) for j in g], train, wd, names,
+                                        num_steps=plan.num_steps, seeds=[seed_of(j) for j in g], devices=cfg.devices,
+                                        progress=False, manifest=ucfg(**deps_of(g[0])), **fit_kw)
+                finals.update(out)
+                return {"curves": {}, "wall_time_s": wall}
+            do(name, {**deps_of(g[0]), "members": names}, fn)
+
     def ensemble(name, members, deps):  # final models of other units: in memory if trained in this process
+        load = lambda m: checkpoint.load(stored[m]) if m in stored else final_snapshot(os.path.join(udir, m))  # noqa: E731
+
         def fn(workdir):
-            t1, snaps = time.perf_counter(), [finals.pop(m, None) or final_snapshot(os.path.join(workdir, "..", m)) for m in members]
+            t1, snaps = time.perf_counter(), [finals.pop(m, None) or load(m) for m in members]
             curve = ensemble_curve(model_apply_fn(models[""]), snaps, test, config.eval_batch_size)
             return {"curves": {name: curve}, "wall_time_s": time.perf_counter() - t1}
         do(name, deps, fn)
@@ -75,12 +92,11 @@ def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, 
     if "single-0" in runs:
         train_run("single-0", 1000 * seed, {"member": 0}, "single", curves={"single": last, "nocycle": lambda st, sn: sn})
     if "true_ensemble" in want:
-        for j in range(1, M):
-            train_run(f"single-{j}", 1000 * seed + j, {"member": j}, "single", marks=(total,))
+        members("single", range(1, M), lambda j: 1000 * seed + j, lambda j: {"member": j}, lambda j: "single", marks=(total,))
         ensemble("true_ensemble", [f"single-{j}" for j in range(M)], {})
     if "single_cycle" in want:
-        for j in range(M):
-            train_run(f"single_cycle-{j}", 1000 * seed + 100 + j, {"single_cycle_alpha0": config.single_cycle_alpha0, "member": j})
+        members("single_cycle", range(M), lambda j: 1000 * seed + 100 + j, lambda j: {"single_cycle_alpha0": config.single_cycle_alpha0,
+                "member": j}, lambda j: f"single_cycle-{j}")
         ensemble("single_cycle", [f"single_cycle-{j}" for j in range(M)], {"single_cycle_alpha0": config.single_cycle_alpha0})
     if "dropout" in runs:
         train_run("dropout", 1000 * seed, {"dropout": config.dropout}, "single", curves={"dropout": last})
@@ -125,20 +141,8 @@ def run(config, out_dir: str, progress: bool = True) -> dict:
         ds = cell.train.dataset
         data = loaded.setdefault(ds, tuple(data_lib.load(ds, split) for split in ("train", "test")))
         done.append(run_cell(config, cell, data, out_dir, progress))
-    first, published = done[0], papers.cells("snapshot", "table1") + (papers.cells("snapshot", "table3") if config.table3_ms else ())
-    comparison = papers.side_by_side(published, paper_values([(r["cell"], r["summary"]) for r in done], tuple(config.table3_ms)))
-    rows, sched, M, total, seeds = first["rows"], first["sched"], first["cell"].M, first["budget_steps"], config.seeds
-    table = ("\n".join(f"### `{r['cell'].prefix.rstrip('/')}`\n\n{r['table']}" for r in done) if len(done) > 1 else first["table"])
-    table += "\n" + papers.markdown(comparison)
-    plots = comparison_plots(out_dir, sched, first["runs"][seeds[0]]["losses"], first["summary"], rows,
-                             training_runs(first["cell"].methods, total, M), M, total)
-    keep = lambda r: {"budget_steps": r["budget_steps"], "steps_per_epoch": r["steps_per_epoch"], "summary": r["summary"],  # noqa: E731
-                      "runs": {str(s): {k: v for k, v in x.items() if k != "losses"} for s, x in r["runs"].items()},
-                      "snapshot_boundaries": r["snapshot_boundaries"]}
-    results = {"experiment": NAME, "config": to_dict(config), **keep(first), "plots": [os.path.basename(p) for p in plots],
-               "wall_time_s": sum(x["wall_time_s"] for r in done for x in r["runs"].values()),  # wall: all units
-               "device_kind": jax.devices()[0].device_kind, "paper_comparison": comparison,
-               **({"cells": {r["cell"].prefix.rstrip("/"): keep(r) for r in done}} if len(done) > 1 else {})}
+    fields, table, plots = report_cells(config, done, out_dir)
+    results = {"experiment": NAME, **fields}
     report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": plots}
 

@@ -161,10 +161,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 def train_and_evaluate_many(config: ml_collections.ConfigDict, seeds, workdir: str | None = None, *,
                             progress: bool = True, overwrite: bool = False) -> tuple[list[TrainState], list[dict]]:
     """:func:`train_and_evaluate` for several seeds in one compiled program
-    (:func:`mergejax.core.multi.fit_many`, one device): model i is initialised with
+    (:func:`mergejax.core.multi.fit_many`): model i is initialised with
     ``seeds[i]`` and draws its batches and step rngs with it, so it ends where
     ``train_and_evaluate`` with ``config.seed = seeds[i]`` ends, up to float rounding of the
-    batched kernels. The data are loaded once; ``config.seed`` is not used.
+    batched kernels. The data are loaded once; ``config.seed`` is not used. ``config.devices``
+    local devices (0 = all; as many of them as divide ``len(seeds)``, :func:`multi.spread_devices`)
+    each train whole models (``num_devices_used``), which changes no model's arithmetic.
 
     ``workdir`` holds the one stacked run (checkpoints of all models, ``metrics.jsonl`` with a
     ``model`` index per line) and resumes like ``train_and_evaluate``'s. Returns the trained
@@ -177,8 +179,10 @@ def train_and_evaluate_many(config: ml_collections.ConfigDict, seeds, workdir: s
     first = setup(config, seed=seeds[0])
     setups = [first] + [setup(config, train=first.train, test=first.test, seed=s) for s in seeds[1:]]
     t0 = time.perf_counter()
+    devices = multi.spread_devices(len(seeds), parallel.resolve_devices(config.get("devices", 0)))
     states, histories = multi.fit_many(
         [s.state for s in setups], first.train, num_steps=first.num_steps, batch_size=config.batch_size, seeds=seeds,
+        devices=devices,
         eval_split=first.test, eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
         log_every=config.log_every, workdir=workdir, checkpoint_every=config.checkpoint_every,
         remainder=config.remainder, progress=progress, overwrite=overwrite,
@@ -200,7 +204,7 @@ def train_and_evaluate_many(config: ml_collections.ConfigDict, seeds, workdir: s
         "wall_time_s": wall,
         "device_kind": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
-        "num_devices_used": 1,
+        "num_devices_used": len(devices),
         "history": history,
     } for seed, final, history in zip(seeds, finals, histories)]
     return states, summaries

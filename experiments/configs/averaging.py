@@ -18,7 +18,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # (b) two independent networks; (c) soups of fine-tunes with these learning rates
         pair_hidden=(256,), pair_steps=600, pair_lr=0.05, batch_size=64, interp_points=11,
         soup_pretrain_steps=300, soup_finetune_steps=150, soup_lrs=(0.003, 0.01, 0.03, 0.1, 0.3), val_fraction=0.2,
-        two_process=True, checkpoint_every=300))  # (d); steps between fit checkpoints in (b), (c)
+        two_process=True, checkpoint_every=300,  # (d); steps between fit checkpoints in (b), (c)
+        models_per_program=0,  # 2: (b)'s two networks in one vmapped program; 0 = auto (1 on CPU; an accelerator: if they fit)
+        devices=0))  # local devices that program spreads its networks over (0 = all; 1 = one)
     if preset == "paper":
         # The papers' CIFAR-10-scale runs are out of reach on CPU; the same protocol on MNIST with wider MLPs
         # (Ainsworth et al. 2022 match a 3x512 MLP on MNIST; Wortsman et al. 2022 soup 72 fine-tunes).

@@ -21,7 +21,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(dict(  # SWA: Izmailov et al. 2018 (CIFAR, lr_init 0.1); starts: fractions of B
         seeds=(0, 1, 2), num_snapshots=5, columns=tuple(c for c in COLUMNS if c != "dropout"), extras=EXTRAS[:3],
         single_cycle_alpha0=0.1, dropout=0.2, swa_lr=0.05, swa_start=0.5, fge_start=0.5, fge_alpha1=0.05, fge_alpha2=0.0005,
-        eval_batch_size=500, networks=(), datasets=(), budgets={}, no_augment=("svhn_cropped",), table3_ms=()))
+        eval_batch_size=500, networks=(), datasets=(), budgets={}, no_augment=("svhn_cropped",), table3_ms=(),
+        models_per_program=0))  # members of one schedule per vmapped program (true ensemble, single cycle); 0 = auto: 1 on CPU
     small = dict(dataset="digits", model="cnn", model_kwargs={"width": 0.25}, batch_size=64, weight_decay=5e-4, log_every=11, **sgd)
     if preset == "paper":
         # Huang et al. 2017, Sec. 4 (shared/reference/snapshot_ensembles.md): batch 64, SGD Nesterov 0.9, wd 1e-4; single model

@@ -74,12 +74,13 @@ def make_dp_step(mesh: Mesh, axis: str = AXIS, donate: bool = False, *, loss_fn:
     return jax.jit(sm, donate_argnums=(0,) if donate else ())
 
 
-def resolve_devices(requested: int, batch_size: int) -> list:
+def resolve_devices(requested: int, batch_size: int | None = None) -> list:
     """The local devices a run with config key ``devices`` uses: 0 = all, ``k`` = the first ``k``.
 
     Refuses (:class:`~mergejax.core.errors.UserError`, one line) a count outside
-    ``0..local devices`` and a ``batch_size`` (global batch) that does not split into equal
-    shards; no padding, since padded examples would count in synchronised BN statistics.
+    ``0..local devices`` and a ``batch_size`` (global batch; None: not split) that does not
+    split into equal shards; no padding, since padded examples would count in synchronised
+    BN statistics.
     """
     from mergejax.core.errors import UserError
 
@@ -88,7 +89,7 @@ def resolve_devices(requested: int, batch_size: int) -> list:
         raise UserError(f"devices={requested} but this process sees {len(local)} local device(s); "
                         f"use 0 (all) or 1..{len(local)}")
     chosen = local[:requested or len(local)]
-    if batch_size % len(chosen):
+    if batch_size is not None and batch_size % len(chosen):
         raise UserError(f"batch_size {batch_size} does not split over {len(chosen)} devices; set devices to a divisor "
                         f"of {batch_size} (devices=1: one device) or a batch_size divisible by {len(chosen)}")
     return chosen

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mergejax.core import data as data_lib
 from mergejax.core import trees
@@ -27,6 +29,8 @@ from mergejax.core.errors import Diverged
 from mergejax.core.loop import (fetch_metrics, read_metrics, resumable_workdir, save_checked, workdir_manifest,
                                 write_record)
 from mergejax.core.train import STEP_STATIC, TrainState, model_eval_sums, softmax_loss, train_step
+
+MODEL_AXIS = "models"
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
@@ -60,6 +64,29 @@ def multi_step(loss_fn: Callable = softmax_loss, frozen: int = 0) -> Callable:
     the compiled step across calls."""
     step = jax.jit(_vmapped_step, donate_argnums=0, static_argnames=("loss_fn", "frozen"))
     return lambda state, batch, rng: step(state, batch, rng, loss_fn=loss_fn, frozen=frozen)
+
+
+def spread_step(devices: Sequence, loss_fn: Callable = softmax_loss, frozen: int = 0) -> Callable:
+    """:func:`multi_step` with the model axis split over ``devices`` (a 1-D ``models`` mesh):
+    places the stacked state (when it is not there yet: a fresh or restored one), the batches
+    ``(N, B, ...)`` and the rngs ``(N,)`` with ``PartitionSpec('models')``; jit keeps every
+    model's computation on its device (models do not interact, so nothing is communicated)."""
+    step = multi_step(loss_fn, frozen)
+    split = NamedSharding(Mesh(np.asarray(devices).reshape(-1), (MODEL_AXIS,)), P(MODEL_AXIS))
+
+    def spread(state, batch, rng):
+        if getattr(state.step, "sharding", None) != split:
+            state = jax.device_put(state, split)
+        return step(state, *jax.device_put((batch, rng), split))
+
+    return spread
+
+
+def spread_devices(num_models: int, devices: Sequence) -> list:
+    """The first ``k`` of ``devices``, ``k`` the largest count ``<= len(devices)`` that divides
+    ``num_models`` (so the models spread evenly; 1 when ``num_models`` is prime and larger)."""
+    k = max(d for d in range(1, len(devices) + 1) if num_models % d == 0)
+    return list(devices)[:k]
 
 
 def _fold_all(keys: jax.Array, step: int) -> jax.Array:
@@ -102,6 +129,7 @@ def fit_many(
     progress: bool = True,
     manifest: Mapping | None = None,
     overwrite: bool = False,
+    devices: Sequence | None = None,
 ) -> tuple[list[TrainState], list[list[dict]]]:
     """Train ``len(states)`` models together for ``num_steps`` steps; model i draws its batches
     from ``data.batches(train_split, batch_size, seed=seeds[i])`` and its step rngs from
@@ -121,16 +149,26 @@ def fit_many(
     (other seeds, data, initial states or caller ``manifest``) is refused unless ``overwrite``.
     A non-finite loss raises :class:`~mergejax.core.errors.Diverged` naming the model.
     ``callbacks(step, stacked_state)`` run on the host after every step.
+
+    ``devices`` (several local devices; ``len(states)`` must be a multiple of their number)
+    spreads the models over them: the stacked state, batches and rngs are split along the
+    model axis (a ``models`` mesh), so each device trains ``N / len(devices)`` whole models
+    and no model's arithmetic changes (tests/test_devices.py: equal to one device). The
+    returned states are on one device. Default: the default device.
     """
     if len(seeds) != len(states):
         raise ValueError(f"got {len(seeds)} seeds for {len(states)} states")
     seeds = [int(s) for s in seeds]
+    devices = list(devices) if devices is not None and len(devices) > 1 else None
+    if devices is not None and len(states) % len(devices):
+        raise ValueError(f"{len(states)} models do not spread evenly over {len(devices)} devices; "
+                         f"use a number of devices that divides {len(states)} (spread_devices picks one)")
     stacked = stack_states(states)
     per_epoch = data_lib.steps_per_epoch(len(train_split), batch_size, remainder)
     loop = dict(num_steps=num_steps, batch_size=batch_size, seeds=seeds, eval_split=eval_split,
                 eval_every=eval_every or per_epoch, eval_batch_size=eval_batch_size, log_every=log_every,
                 checkpoint_every=checkpoint_every or per_epoch, remainder=remainder, callbacks=callbacks, loss_fn=loss_fn,
-                progress=progress)
+                progress=progress, devices=devices)
     if workdir is None:
         return _many_loop(stacked, train_split, None, None, 0, **loop)
     settings = {"num_steps": num_steps, "batch_size": batch_size, "seeds": seeds, "remainder": remainder}
@@ -141,11 +179,11 @@ def fit_many(
 
 
 def _many_loop(stacked, train_split, manager, log_file, start, *, num_steps, batch_size, seeds, eval_split,
-               eval_every, eval_batch_size, log_every, checkpoint_every, remainder, callbacks, loss_fn, progress,
+               eval_every, eval_batch_size, log_every, checkpoint_every, remainder, callbacks, loss_fn, progress, devices,
                elapsed=0.0):
     """The host loop of :func:`fit_many` from step ``start``; ``manager``/``log_file`` None without a workdir."""
     n = len(seeds)
-    step = multi_step(loss_fn)
+    step = multi_step(loss_fn) if devices is None else spread_step(devices, loss_fn)
     fold = jax.jit(_fold_all)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     streams = [data_lib.batches(train_split, batch_size, seed=s, start_step=start, remainder=remainder) for s in seeds]
@@ -183,6 +221,8 @@ def _many_loop(stacked, train_split, manager, log_file, start, *, num_steps, bat
             if manager is not None and (done % checkpoint_every == 0 or done == num_steps):
                 save_checked(manager, done, stacked.arrays())
             bar.update(1)
+    if devices is not None:  # back on one device (as a solo run's state)
+        stacked = jax.device_put(stacked, devices[0])
     return unstack_states(stacked), histories
 
 

@@ -4,7 +4,7 @@ A config names ``networks`` x ``datasets`` with a ``budgets[dataset][network] = 
 Table 1 ``columns`` and the ``extras`` to run, and the ``table3_ms`` (DenseNet-40, CIFAR-100, a0 = 0.2).
 :func:`grid` turns it into :class:`GridCell` s, :func:`method_rows` lists a cell's table rows, and
 :func:`paper_values` keys our mean errors by the paper's cells (:mod:`mergejax.papers.snapshot`);
-:func:`cell_table` and :func:`comparison_plots` draw the report.
+:func:`cell_table` and :func:`comparison_plots` draw the report; :func:`report_cells` assembles it.
 ``experiments/snapshot_ensemble.py`` trains the runs (:func:`mergejax.ensembles.swa.training_runs`).
 """
 
@@ -18,9 +18,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from mergejax import report
-from mergejax.config import replace
+from mergejax import papers, report
+from mergejax.config import replace, to_dict
 from mergejax.core.models import make_model
+from mergejax.ensembles.swa import training_runs
 from mergejax.papers import snapshot as paper
 
 
@@ -143,3 +144,27 @@ def comparison_plots(out_dir: str, sched: dict, losses: dict, summary: dict, row
                                for k, v in losses.items()}, xlabel="step", ylabel="training loss (first seed)", logy=True),
             report.plot_curves(os.path.join(out_dir, "error_vs_m.png"), {lab: vs_m(summary[k]["error_vs_m_pct"])
                                for k, lab, _ in rows}, xlabel="m (ensemble of the last m members)", ylabel="test error % (mean over seeds)")]
+
+
+def report_cells(config, done: list[dict], out_dir: str) -> tuple[dict, str, list[str]]:
+    """results.json fields, the Markdown table and the plots of finished grid cells.
+
+    ``done``: per cell (in :func:`grid` order) ``{cell, budget_steps, steps_per_epoch, summary, rows, sched, table, runs,
+    snapshot_boundaries}``, ``runs[seed]`` holding ``curves``, ``losses`` and ``wall_time_s``. The top level of the
+    results is the first cell (with ``cells`` per cell when there are several); the plots are of the first cell's first
+    seed; ``paper_comparison`` puts our errors beside every published cell (:func:`mergejax.papers.side_by_side`)."""
+    first, published = done[0], papers.cells("snapshot", "table1") + (papers.cells("snapshot", "table3") if config.table3_ms else ())
+    comparison = papers.side_by_side(published, paper_values([(r["cell"], r["summary"]) for r in done], tuple(config.table3_ms)))
+    M, total = first["cell"].M, first["budget_steps"]
+    table = ("\n".join(f"### `{r['cell'].prefix.rstrip('/')}`\n\n{r['table']}" for r in done) if len(done) > 1 else first["table"])
+    table += "\n" + papers.markdown(comparison)
+    plots = comparison_plots(out_dir, first["sched"], first["runs"][config.seeds[0]]["losses"], first["summary"], first["rows"],
+                             training_runs(first["cell"].methods, total, M), M, total)
+    keep = lambda r: {"budget_steps": r["budget_steps"], "steps_per_epoch": r["steps_per_epoch"], "summary": r["summary"],  # noqa: E731
+                      "runs": {str(s): {k: v for k, v in x.items() if k != "losses"} for s, x in r["runs"].items()},
+                      "snapshot_boundaries": r["snapshot_boundaries"]}
+    results = {"config": to_dict(config), **keep(first), "plots": [os.path.basename(p) for p in plots],
+               "wall_time_s": sum(x["wall_time_s"] for r in done for x in r["runs"].values()),  # wall: all units
+               "device_kind": jax.devices()[0].device_kind, "paper_comparison": comparison,
+               **({"cells": {r["cell"].prefix.rstrip("/"): keep(r) for r in done}} if len(done) > 1 else {})}
+    return results, table, plots

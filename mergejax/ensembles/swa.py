@@ -32,6 +32,7 @@ import optax
 from mergejax.core import data as data_lib
 from mergejax.core import optim as schedules
 from mergejax.core import trees
+from mergejax.core.train import create_state
 
 Params = Any
 
@@ -239,6 +240,18 @@ def equal_budget_plans(total_steps: int, steps_per_epoch: int, num_snapshots: in
     for j, n in enumerate(b - a for a, b in zip(starts, starts[1:])):
         plans[f"single_cycle-{j}"] = RunPlan(schedules.snapshot_cosine(single_cycle_alpha0, n, 1), (n,), n)
     return plans
+
+
+def plan_state(plan: RunPlan, model, key: int, image_shape, train_cfg) -> Any:
+    """A fresh :class:`~mergejax.core.train.TrainState` of ``model`` for the run ``plan``: init key
+    ``key``, ``train_cfg``'s optimizer (``optimizer``, ``momentum``, ``nesterov``, ``weight_decay``,
+    ``grad_clip``) on ``plan.lr_fn``, SWA averaging when ``plan.swa_every``, CIFAR augmentation when
+    ``train_cfg.augment``. ``image_shape``: one example's (H, W, C)."""
+    tx = schedules.make_optimizer(train_cfg.optimizer, plan.lr_fn, **{k: train_cfg[k] for k in (
+        "momentum", "nesterov", "weight_decay", "grad_clip")})
+    tx = with_swa_average(tx, plan.marks[0], plan.swa_every) if plan.swa_every else tx  # SWA marks: its averages
+    return create_state(model, jax.random.key(key), (1, *image_shape), tx, lr_fn=plan.lr_fn,
+                        augment_fn=data_lib.augment_cifar if train_cfg.augment else None)
 
 
 def training_runs(methods, total_steps: int, num_snapshots: int, alpha0s: tuple = ()) -> dict[str, int]:
