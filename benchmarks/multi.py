@@ -3,8 +3,11 @@
     python benchmarks/multi.py [--model cnn --kw '{"width": 1.0}' --batch 128 --ns 1 4 8 --steps 20]
 
 For each N: images/s of N solo steps (one compiled step, called N times per round) and of one
-vmapped step over N models, measured in the same run after a compiling call; prints the ratio
-and writes benchmarks/results/multi_<device>.md/.json.
+vmapped step over N models, measured in the same run after a compiling call, and the device
+bytes XLA's memory analysis gives the vmapped step against N times one model's
+(``mergejax.core.multi.step_memory_bytes``: arguments + outputs - donated + temporaries; "about
+linear in N" is a ratio near 1); prints the ratios and writes
+benchmarks/results/multi_<device>.md/.json.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from mergejax import report
 from mergejax.core import data as data_lib
 from mergejax.core.models import make_model
-from mergejax.core.multi import multi_step, stack_states
+from mergejax.core.multi import multi_step, stack_states, step_memory_bytes, vmapped_step_memory_bytes
 from mergejax.core.optim import make_optimizer
 from mergejax.core.train import STEP_STATIC, create_state, train_step
 
@@ -74,9 +77,12 @@ def main(argv=None):
             stacked["s"], m = step(stacked["s"], batches, rngs)
             return m["loss"]
 
+        solo_bytes = step_memory_bytes(states[0], train.images.shape[1:], args.batch, train.images.dtype)
+        vmap_bytes = vmapped_step_memory_bytes(stacked["s"], batches, rngs)
         t_vmap = _time(vmapped_round, args.steps)
         rows.append({"N": n, "solo images/s": n * args.batch / t_solo, "vmapped images/s": n * args.batch / t_vmap,
-                     "vmapped / solo": t_solo / t_vmap})
+                     "vmapped / solo": t_solo / t_vmap, "vmapped MB": vmap_bytes / 2**20 if vmap_bytes else None,
+                     "bytes / (N x solo)": vmap_bytes / (n * solo_bytes) if vmap_bytes and solo_bytes else None})
     device = jax.devices()[0].device_kind
     table = (f"`{args.model}` {args.kw} on `{args.dataset}`, batch {args.batch} per model, {args.steps} timed rounds, "
              f"device {device}.\n\n" + report.markdown_table(rows, floatfmt=".2f"))

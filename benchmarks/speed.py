@@ -15,9 +15,9 @@ one step; PyTorch: one warm-up step), then rounds alternate the variants (A/B/C/
 the fastest round counts: the machine may be shared and noise only ever makes a round slower.
 
 Defaults: 3 rounds; on an accelerator both models, N = 4 and 8, 30 timed steps. On CPU (to stay
-near 5 minutes on 2 cores): 2 timed steps for ResNet-20 and 1 for ResNet-110, and N = 4
+near 8 minutes on 2 cores): 2 timed steps for ResNet-20 and 1 for ResNet-110, and N = 4 and 8
 for ResNet-20 only (a vmapped step of N convnets runs as one grouped convolution, which XLA:CPU
-executes several times slower than N separate steps; ``--ns 4 8`` runs them anyway).
+executes several times slower than N separate steps; ``--ns 4 8`` runs them for ResNet-110 too).
 
 PyTorch: the same architecture (conv-BN-ReLU stem, BasicBlocks with a 1x1 conv + BN projection
 where the shape changes, as ``mergejax/core/models/resnet.py``; global average pool + Linear),
@@ -310,7 +310,7 @@ def main(argv=None):
                    help="timed steps per round (default: CPU 2 for resnet20, 1 deeper; accelerator 30)")
     p.add_argument("--repeats", type=int, default=0, help="alternating rounds, fastest counts (default 3)")
     p.add_argument("--ns", type=int, nargs="*", default=None,
-                   help="vmapped model counts (default 4 8; CPU: 4 for resnet20, none for deeper nets)")
+                   help="vmapped model counts (default 4 8; CPU: none for nets deeper than resnet20)")
     p.add_argument("--batch", type=int, default=0, help="batch per model (default: resnet20 128, resnet110 64)")
     p.add_argument("--quick", action="store_true", help="resnet20, N=4, 1 timed step, 1 round (a smoke run)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
@@ -345,7 +345,7 @@ def main(argv=None):
         depth = int(name[6:])
         batch = args.batch or BATCH.get(name, 64)
         steps = args.steps or ((2 if depth <= 20 else 1) if on_cpu else 30)
-        ns = args.ns if args.ns is not None else ([4, 8] if not on_cpu else [4] if depth <= 20 else [])
+        ns = args.ns if args.ns is not None else ([4, 8] if not on_cpu or depth <= 20 else [])
         fp32_flops = cost.step_flops(name, {}, IMAGE, NUM_CLASSES, batch)
         base = {"model": name, "batch": batch, "first_s": None, "note": ""}
         variants = []  # (result dict, run)

@@ -3,11 +3,10 @@
 Per network x dataset x seed (:func:`mergejax.ensembles.swa.training_runs`): the Table 1 ``columns`` (single model, NoCycle,
 Single-Cycle, dropout, snapshot ensembles per a0) and ``extras`` (true ensemble, SWA and its last iterate, FGE, a single model of
 M budgets, weight average of the snapshots). ``table3_ms``: DenseNet-40 on CIFAR-100, a0 = 0.2, M cycles. Units
-``units/[<net>/<dataset>/]seed<k>/<run>`` train one model each (checkpointed, snapshots on disk); ensembles of final members
-read other units' models; with ``models_per_program`` != 1 (0 = auto: 1 on CPU) members of one schedule (true ensemble 1..M-1,
-single-cycle runs of equal length) train as one vmapped program, unit ``<run>-<first>..<last>`` (final models in its
-``<member>/``). results.json["paper_comparison"]: our errors beside the published cells (:mod:`mergejax.papers`).
-"""
+``units/[<net>/<dataset>/]seed<k>/<run>`` train one model each (checkpointed, snapshots on disk; each batch split over the
+``devices``); ensembles read other units' final models. ``models_per_program`` != 1 (0 = auto: 1 on CPU): members of one
+schedule (true ensemble 1..M-1, equal single-cycle runs) as one vmapped program spread over the devices, unit ``<run>-<first>..<last>``
+(final models in its ``<member>/``). results.json["paper_comparison"]: our errors beside the published cells."""
 
 from __future__ import annotations
 
@@ -16,13 +15,14 @@ import sys
 import time
 
 from mergejax import report
+from mergejax.averaging.parallel import resolve_devices
 from mergejax.config import to_dict
 from mergejax.core import checkpoint, data as data_lib, optim as schedules
 from mergejax.core.models import make_model
 from mergejax.core.train import model_apply_fn
 from mergejax.ensembles.comparison import GridCell, alpha0s, cell_table, grid, method_rows, report_cells
 from mergejax.ensembles.snapshot import curve_summary, ensemble_curve, final_snapshot, fit_members, fit_with_snapshots
-from mergejax.ensembles.swa import (RunPlan, budget_step, equal_budget_plans, fge_cycle_steps, plan_state, swa_model,
+from mergejax.ensembles.swa import (budget_step, equal_budget_plans, fge_cycle_steps, plan_state, swa_model,
                                     training_runs, weight_average_model)
 from mergejax.experiment import config_file, experiment_main, unit
 from mergejax.run import num_steps, seed_groups
@@ -38,7 +38,7 @@ def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, 
     runs = training_runs(want, total, M, a0s)
     models = {k: make_model(cfg.model, train.num_classes, **dict(cfg.model_kwargs), **kw) for k, kw in
               (("", {}), ("dropout", {"dropout": config.dropout})) if k in ("", *runs)}
-    udir = os.path.join(out_dir, "units", f"{cell.prefix}seed{seed}")
+    udir, shape = os.path.join(out_dir, "units", f"{cell.prefix}seed{seed}"), train.images.shape[1:]
     ucfg = lambda **deps: {"train": to_dict(cfg), "eval_batch_size": config.eval_batch_size, "seed": seed,  # noqa: E731
                            "num_snapshots": M, **deps}
 
@@ -47,7 +47,8 @@ def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, 
         if progress:
             print(f"  {cell.prefix}seed {seed}: {name} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    fit_kw, shape = {k: cfg[k] for k in ("batch_size", "log_every", "remainder", "checkpoint_every")}, train.images.shape[1:]
+    fit_kw = {"devices": resolve_devices(cfg.devices, cfg.batch_size), **{k: cfg[k] for k in ("batch_size", "log_every", "remainder",
+              "checkpoint_every")}}  # devices: each batch split over them (a run), or the members spread (a vmapped group)
 
     def train_run(name, run_seed, deps, schedule=None, marks=None, curves={}):  # noqa: B006 (read only)
         plan, model = sched[schedule or name], models.get(name, models[""])
@@ -73,8 +74,8 @@ def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, 
 
             def fn(wd, g=g, names=names, plan=plan):
                 out, wall = fit_members([plan_state(plan, models[""], seed_of(j), shape, cfg) for j in g], train, wd, names,
-                                        num_steps=plan.num_steps, seeds=[seed_of(j) for j in g], devices=cfg.devices,
-                                        progress=False, manifest=ucfg(**deps_of(g[0])), **fit_kw)
+                                        num_steps=plan.num_steps, seeds=[seed_of(j) for j in g], progress=False,
+                                        manifest=ucfg(**deps_of(g[0])), **fit_kw)
                 finals.update(out)
                 return {"curves": {}, "wall_time_s": wall}
             do(name, {**deps_of(g[0]), "members": names}, fn)
@@ -126,7 +127,6 @@ def run_cell(config, cell: GridCell, data, out_dir: str, progress: bool) -> dict
     total, per_epoch = num_steps(cfg, len(train))
     sched = equal_budget_plans(total, per_epoch, M, cfg.lr, alpha0s=alpha0s(cell.methods), **{k: config[k] for k in (
         "single_cycle_alpha0", "swa_lr", "swa_start", "fge_start", "fge_alpha1", "fge_alpha2")})
-    sched["long_teacher"] = RunPlan(schedules.step_decay(cfg.lr, M * total), (M * total,), M * total)
     runs = {seed: run_seed(config, cell, data, out_dir, seed, total, sched, progress) for seed in config.seeds}
     rows = method_rows(cell, config.dropout)
     summary = {key: curve_summary([runs[s]["curves"][key] for s in config.seeds]) for key, _, _ in rows}

@@ -30,6 +30,7 @@ DATASETS = {
     "cifar10": DatasetShape((32, 32, 3), 10, 50_000),
     "cifar100": DatasetShape((32, 32, 3), 100, 50_000),
     "svhn_cropped": DatasetShape((32, 32, 3), 10, 73_257),
+    "tiny_imagenet": DatasetShape((64, 64, 3), 200, 100_000),
 }
 
 #: Peak dense throughput in TFLOP/s (vendor datasheets: NVIDIA H100 Tensor Core GPU datasheet,

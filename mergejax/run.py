@@ -18,7 +18,7 @@ from mergejax.core.errors import UserError
 from mergejax.core.loop import evaluate, fit, read_metrics
 from mergejax.core.models import make_model, precision_dtype
 from mergejax.core.optim import make_optimizer, make_schedule
-from mergejax.core.train import TrainState, create_state, model_apply_fn
+from mergejax.core.train import TrainState, create_state
 
 
 CACHE_ENV = "MERGEJAX_COMPILATION_CACHE"
@@ -121,24 +121,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     """
     devices = parallel.resolve_devices(config.get("devices", 0), config.batch_size)  # refuse before loading data
     s = setup_ or setup(config)
-    state, step_fn = s.state, None
-    if len(devices) > 1:  # batch split over a mesh, synchronised BN: equals one device to float rounding
-        if "bn_axis_name" not in getattr(s.model, "__dataclass_fields__", {}):
-            raise UserError(f"model {config.model!r} takes no bn_axis_name, so it cannot train on "
-                            f"{len(devices)} devices; set devices=1")
-        state = state.replace(apply_fn=model_apply_fn(s.model.clone(bn_axis_name=parallel.AXIS)))
-        step_fn = parallel.make_fit_step(parallel.data_mesh(devices))
+    if len(devices) > 1 and "bn_axis_name" not in getattr(s.model, "__dataclass_fields__", {}):
+        raise UserError(f"model {config.model!r} takes no bn_axis_name, so it cannot train on "
+                        f"{len(devices)} devices; set devices=1")
     t0 = time.perf_counter()
-    state, history = fit(
-        state, s.train, num_steps=s.num_steps, batch_size=config.batch_size, seed=config.seed,
+    state, history = fit(  # devices > 1: batch split over a mesh, synchronised BN (equals one device to float rounding)
+        s.state, s.train, num_steps=s.num_steps, batch_size=config.batch_size, seed=config.seed,
         eval_split=s.test, eval_every=config.eval_every, eval_batch_size=config.eval_batch_size,
         log_every=config.log_every, workdir=workdir, checkpoint_every=config.checkpoint_every,
         remainder=config.remainder, progress=progress, manifest={"train_config": to_dict(config)}, overwrite=overwrite,
-        step_fn=step_fn,
+        devices=devices,
     )
     wall = time.perf_counter() - t0
-    if step_fn is not None:  # back to a one-device state of the plain model (trains and evaluates anywhere)
-        state = jax.device_put(state.replace(apply_fn=s.state.apply_fn), devices[0])
     if workdir is not None:
         history = read_metrics(workdir)
         times = [h["time_s"] for h in history if h["split"] == "train" and h.get("time_s") is not None]

@@ -24,11 +24,12 @@ def _names(rows):
 
 def test_paper_plan_covers_tables_1_and_3_with_the_papers_budgets(se):
     rows = se.plan(se.get_config("paper"))
-    # per network x dataset: single-0 (Single and NoCycle), M Single-Cycle runs, Dropout (WRN, DenseNets), 2 snapshot runs
-    resnet, wrn = 3 * (1 + 5 + 2), 3 * (1 + 5 + 1 + 2)
-    densenet40 = 2 * (1 + 6 + 1 + 2) + (1 + 5 + 1 + 2) + 4  # CIFAR M = 6, SVHN M = 5, Table 3 M = 2, 4, 8, 10 (6 is Table 1's)
-    densenet100 = 2 * (1 + 6 + 1 + 2)  # no SVHN in the paper
-    assert len(rows) == resnet + wrn + densenet40 + densenet100 == 104
+    # per network x dataset: single-0 (Single and NoCycle), M Single-Cycle runs, Dropout (WRN, DenseNets), 2 snapshot runs;
+    # Tiny ImageNet (last term of each): M = 6
+    resnet, wrn = 3 * (1 + 5 + 2) + (1 + 6 + 2), 3 * (1 + 5 + 1 + 2) + (1 + 6 + 1 + 2)
+    densenet40 = 2 * (1 + 6 + 1 + 2) + (1 + 5 + 1 + 2) + 4 + (1 + 6 + 1 + 2)  # CIFAR M = 6, SVHN M = 5, Table 3 M = 2, 4, 8, 10
+    densenet100 = 2 * (1 + 6 + 1 + 2)  # no SVHN or Tiny ImageNet in the paper
+    assert len(rows) == resnet + wrn + densenet40 + densenet100 == 133
     assert len(set(_names(rows))) == len(rows)
     # budgets: CIFAR 200 epochs (ResNet/WRN) or 300 (DenseNet) of floor(50000 / 64) = 781 steps, SVHN 40 of floor(73257 / 64) = 1144
     by = {r["name"]: r for r in rows}
@@ -37,12 +38,19 @@ def test_paper_plan_covers_tables_1_and_3_with_the_papers_budgets(se):
     assert by["wrn32_4/svhn_cropped/seed0/snapshot_0.1"]["steps"] == 40 * 1144
     assert sum(by[f"densenet40/cifar10/seed0/single_cycle-{j}"]["steps"] for j in range(6)) == 300 * 781
     assert by["densenet40/cifar100/M10/seed0/snapshot_0.2"]["steps"] == 300 * 781
-    assert {r["batch_size"] for r in rows} == {64}
+    # Tiny ImageNet: 150 epochs of 100,000 images, batch 128 (ResNet/WRN: 781 steps an epoch) or 64 (DenseNet-40: 1562)
+    tiny = {n: r for n, r in by.items() if "/tiny_imagenet/" in n}
+    assert {r["batch_size"] for n, r in by.items() if n not in tiny} == {64}
+    assert {n.split("/")[0]: r["batch_size"] for n, r in tiny.items()} == {"resnet110": 128, "wrn32_4": 128, "densenet40": 64}
+    assert by["resnet110/tiny_imagenet/seed0/single-0"]["steps"] == 150 * 781
+    assert by["densenet40/tiny_imagenet/seed0/snapshot_0.2"]["steps"] == 150 * 1562
+    assert sum(by[f"wrn32_4/tiny_imagenet/seed0/single_cycle-{j}"]["steps"] for j in range(6)) == 150 * 781
     assert by["wrn32_4/cifar100/seed0/dropout"]["model_kwargs"] == {"dropout": 0.2}
     assert not any(n.startswith("resnet110/") and n.endswith("/dropout") for n in by)
-    steps_t = {"resnet": 200 * 781, "wrn": 200 * 781, "dn": 300 * 781, "svhn": 40 * 1144}
+    steps_t = {"resnet": 200 * 781, "wrn": 200 * 781, "dn": 300 * 781, "svhn": 40 * 1144, "tiny": 150 * 781, "tiny_dn": 150 * 1562}
     total = (2 * 4 * steps_t["resnet"] + 4 * steps_t["svhn"] + 2 * 5 * steps_t["wrn"] + 5 * steps_t["svhn"]
-             + 2 * 5 * steps_t["dn"] + 5 * steps_t["svhn"] + 4 * steps_t["dn"] + 2 * 5 * steps_t["dn"])
+             + 2 * 5 * steps_t["dn"] + 5 * steps_t["svhn"] + 4 * steps_t["dn"] + 2 * 5 * steps_t["dn"]
+             + 4 * steps_t["tiny"] + 5 * steps_t["tiny"] + 5 * steps_t["tiny_dn"])
     assert sum(r["steps"] for r in rows) == total
 
 
@@ -51,7 +59,7 @@ def test_paper_config_is_the_papers_and_extras_are_off(se):
     t = c.train
     assert (t.batch_size, t.momentum, t.nesterov, t.weight_decay, t.lr) == (64, 0.9, True, 1e-4, 0.1)
     assert tuple(c.extras) == () and tuple(c.table3_ms) == (2, 4, 6, 8, 10)
-    assert set(c.networks) == set(snap_paper.NETWORKS) and set(c.datasets) == {"cifar10", "cifar100", "svhn_cropped"}
+    assert set(c.networks) == set(snap_paper.NETWORKS) and set(c.datasets) == {"cifar10", "cifar100", "svhn_cropped", "tiny_imagenet"}
     cells = {cell.prefix: cell for cell in se.grid(c)}
     assert cells["resnet110/cifar10/"].train.augment and not cells["resnet110/svhn_cropped/"].train.augment
     assert (cells["densenet40/cifar100/"].M, cells["resnet110/cifar100/"].M, cells["wrn32_4/svhn_cropped/"].M) == (6, 5, 5)
@@ -84,3 +92,24 @@ def test_paper_subset_runs_end_to_end_on_mock_cifar(se, tmp_path, monkeypatch):
         assert r["ours"] == res["summary"][key]["error_pct"]["mean"] and r["diff"] == pytest.approx(r["ours"] - r["paper"])
     assert len(comp["not_run"]) == 80 - 2 and comp["unmatched"] == []
     assert "| table1 | ResNet-110 | C10/Single | error_pct | 5.52 |" in out["table"] and "(78 published cells)" in out["table"]
+
+
+@pytest.mark.slow  # ~80 s: ResNet-110 compiled at 64x64 (the CIFAR subset test above covers the pipeline in the default run)
+def test_paper_tiny_imagenet_cell_runs_on_mock_data(se, tmp_path, monkeypatch):
+    """The Tiny ImageNet column: the CIFAR ResNet-110 on 64x64 inputs with 200 classes, batch 128, through
+    mergejax's own TFDS builder (mock data), compared with the paper's Tiny ImageNet cells."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("MERGEJAX_DATA", str(tmp_path / "data"))
+    config = override(se.get_config("paper"), [
+        "networks=('resnet110',)", "datasets=('tiny_imagenet',)", "columns=('single', 'snapshot_a0.2')", "table3_ms=()",
+        "num_snapshots=2", "train.steps=2", "train.log_every=1", "train.model_kwargs.width=0.0625", "eval_batch_size=16"])
+    assert [(r["name"], r["batch_size"], r["dataset"]) for r in se.plan(config)] == [
+        ("resnet110/tiny_imagenet/seed0/single-0", 128, "tiny_imagenet"), ("resnet110/tiny_imagenet/seed0/snapshot_0.2", 128, "tiny_imagenet")]
+    with tfds.testing.mock_data(num_examples=128):
+        se.run(config, str(tmp_path / "out"), progress=False)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    ran = {(r["row"], r["column"]): r for r in res["paper_comparison"]["rows"]}
+    assert set(ran) == {("ResNet-110", "TinyImageNet/Single"), ("ResNet-110", "TinyImageNet/Snapshot a0=0.2")}
+    assert ran[("ResNet-110", "TinyImageNet/Single")]["paper"] == 46.50
+    assert ran[("ResNet-110", "TinyImageNet/Snapshot a0=0.2")]["paper"] == 39.40
+    assert 0 <= ran[("ResNet-110", "TinyImageNet/Single")]["ours"] <= 100

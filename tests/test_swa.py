@@ -153,7 +153,9 @@ def test_equal_budget_plans_share_the_budget_and_compare_by_value():
     T, M, per_epoch = 100, 3, 10
     plans = equal_budget_plans(T, per_epoch, M, 0.1, alpha0s=(0.1, 0.2), swa_start=0.5, fge_start=0.5)
     assert sum(plans[f"single_cycle-{j}"].num_steps for j in range(M)) == T  # M cycles of one budget
-    assert all(p.num_steps == T for k, p in plans.items() if not k.startswith("single_cycle"))
+    assert all(p.num_steps == T for k, p in plans.items() if not k.startswith("single_cycle") and k != "long_teacher")
+    assert plans["long_teacher"].num_steps == M * T and plans["long_teacher"].marks == (M * T,)  # the FLOPs of M models
+    assert plans["long_teacher"].lr_fn(M * T // 2) == pytest.approx(0.01)  # the single model's decay, stretched
     assert plans["snapshot_0.2"].marks == schedules.snapshot_boundaries(T, M) == plans["single"].marks
     assert plans["swa"].marks == tuple(range(50, T + 1, per_epoch)) and plans["swa"].swa_every == per_epoch
     assert len(plans["fge"].marks) == M and plans["fge"].marks[-1] <= T

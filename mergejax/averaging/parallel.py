@@ -136,6 +136,22 @@ def make_fit_step(mesh: Mesh, axis: str = AXIS, *, loss_fn: Callable = softmax_l
     return fit_step
 
 
+def data_parallel(state, devices, *, loss_fn: Callable = softmax_loss, frozen: int = 0):
+    """``(state, step_fn)`` for ``fit`` on a ``data`` mesh over ``devices``: the state's model
+    rebuilt with ``bn_axis_name=AXIS`` (BatchNorm synchronised) and :func:`make_fit_step`.
+    The state's ``apply_fn`` must be a :class:`~mergejax.core.train.ModelApply` of a model that
+    takes ``bn_axis_name``; otherwise :class:`~mergejax.core.errors.UserError` (one line)."""
+    from mergejax.core.errors import UserError
+    from mergejax.core.train import model_apply_fn
+
+    model = getattr(state.apply_fn, "model", None)
+    if model is None or "bn_axis_name" not in getattr(model, "__dataclass_fields__", {}):
+        name = type(model).__name__ if model is not None else "this state's model"
+        raise UserError(f"{name} takes no bn_axis_name, so it cannot train on {len(devices)} devices; set devices=1")
+    return (state.replace(apply_fn=model_apply_fn(model.clone(bn_axis_name=AXIS))),
+            make_fit_step(data_mesh(devices), loss_fn=loss_fn, frozen=frozen))
+
+
 def make_pmap_step(axis: str = AXIS, devices=None, *, loss_fn: Callable = softmax_loss, frozen: int = 0):
     """The same step with ``jax.pmap``: ``step(rep_state, batch (D, b, ...), rng) ->
     (rep_state, metrics)`` where ``rep_state`` has a leading device axis

@@ -26,6 +26,8 @@ _STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    # The values commonly used for Tiny ImageNet's training split (not re-measured here: no copy offline).
+    "tiny_imagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
 }
 _TFDS_SPLITS = {
     "mnist": ("train", "test"),
@@ -33,8 +35,10 @@ _TFDS_SPLITS = {
     "cifar10": ("train", "test"),
     "cifar100": ("train", "test"),
     "svhn_cropped": ("train", "test", "extra"),
+    "tiny_imagenet": ("train", "test"),  # mergejax.core.tiny_imagenet's builder; test = the official val
 }
-_NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "svhn_cropped": 10}
+_NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "svhn_cropped": 10,
+                "tiny_imagenet": 200}
 DATASETS = ("digits",) + tuple(_TFDS_SPLITS)
 
 # digits: a fixed, documented split. Shuffle all 1,797 images with this seed and keep
@@ -152,10 +156,21 @@ def _tfds_builder(name: str, data_dir: str, download: bool):
     """
     import tensorflow_datasets as tfds
 
+    if name == "tiny_imagenet":
+        from mergejax.core import tiny_imagenet  # registers the builder (TFDS has none)
     tfds_dir = os.path.join(data_dir, "tfds")
     builder = tfds.builder(name, data_dir=tfds_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
+    # Only TFDS's own download_and_prepare needs the network (or, for Tiny ImageNet, the archive);
+    # tfds.testing.mock_data swaps in one that does not.
+    real = type(builder).download_and_prepare.__module__.startswith("tensorflow_datasets.core")
+    manual = os.path.join(tfds_dir, "downloads", "manual")
+    if real and name == "tiny_imagenet" and not any(os.path.exists(os.path.join(manual, f)) for f in (
+            tiny_imagenet.ARCHIVE, os.path.join(tiny_imagenet.FOLDER, "wnids.txt"))):
+        raise UserError(f"dataset 'tiny_imagenet' is not prepared in {data_dir} and its archive is not in {manual}: "
+                        f"download {tiny_imagenet.URL} (248 MB), put {tiny_imagenet.ARCHIVE} there and run "
+                        f"`mergejax prepare tiny_imagenet` (TFDS has no builder that downloads it)")
 
     def offline(reason: str) -> UserError:
         return UserError(
@@ -167,9 +182,6 @@ def _tfds_builder(name: str, data_dir: str, download: bool):
 
     if not download:
         raise offline("download=False")
-    # Only TFDS's own download_and_prepare needs the network; tfds.testing.mock_data swaps in one
-    # that does not.
-    real = type(builder).download_and_prepare.__module__.startswith("tensorflow_datasets.core")
     if real and (problem := _network_problem(_urls_to_download(builder, tfds_dir))):
         raise offline(f"no network: {problem}")
     import requests
@@ -321,7 +333,7 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh, axis: str = "data") -> dic
     return jax.device_put(batch, sharding)
 
 
-def holdout(split: data_lib.Split, num_holdout: int, seed: int = 0) -> tuple[data_lib.Split, data_lib.Split]:
+def holdout(split: Split, num_holdout: int, seed: int = 0) -> tuple[Split, Split]:
     """``(train, held_out)``: ``split`` cut into two disjoint parts, ``num_holdout`` examples held
     out, chosen by a permutation drawn from ``seed`` (numpy ``default_rng``); each part keeps
     the original order. The FreezeOut authors report validation error on 5,000 held out of the

@@ -100,6 +100,7 @@ def fit(
     progress: bool = True,
     manifest: Mapping | None = None,
     overwrite: bool = False,
+    devices: Sequence | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Train ``state`` for ``num_steps`` optimizer steps; returns ``(state, history)``.
 
@@ -122,20 +123,37 @@ def fit(
     The step is ``jax.jit(train_step)`` with ``loss_fn`` (a static argument: pass a
     value-equal object, e.g. a module-level function or frozen dataclass, for compile reuse
     across calls), or ``step_fn(state, batch, rng) -> (state, metrics)``.
+
+    ``devices`` (several local devices, e.g. :func:`~mergejax.averaging.parallel.resolve_devices`)
+    split every batch over them with BatchNorm synchronised
+    (:func:`~mergejax.averaging.parallel.data_parallel`): equal to one device up to float
+    rounding; the returned state holds the plain model on the first device. Callbacks see the
+    replicated state. The model must take ``bn_axis_name``.
     """
     per_epoch = data_lib.steps_per_epoch(len(train_split), batch_size, remainder)
     eval_every = eval_every or per_epoch
     checkpoint_every = checkpoint_every or per_epoch
+    plain, devices = state.apply_fn, (list(devices) if devices is not None and len(devices) > 1 else None)
+    if devices is not None:  # batch split over a data mesh, BatchNorm synchronised
+        if step_fn is not None:
+            raise ValueError("fit takes devices or a step_fn, not both")
+        from mergejax.averaging.parallel import data_parallel  # that package's modules import this one
+
+        state, step_fn = data_parallel(state, devices, loss_fn=loss_fn)
     loop = dict(num_steps=num_steps, batch_size=batch_size, seed=seed, eval_split=eval_split, eval_every=eval_every,
                 eval_batch_size=eval_batch_size, log_every=log_every, checkpoint_every=checkpoint_every,
                 remainder=remainder, callbacks=callbacks, step_fn=step_fn or _default_step(loss_fn), progress=progress)
     if workdir is None:
-        return _fit_loop(state, train_split, None, None, 0, **loop)
-    settings = {"num_steps": num_steps, "batch_size": batch_size, "seed": seed, "remainder": remainder}
-    run_manifest = workdir_manifest("fit", settings, manifest, train_split, eval_split, state.arrays())
-    with resumable_workdir(workdir, run_manifest, state.arrays(), overwrite=overwrite) as run:
-        state = state.replace_arrays(run.arrays)
-        return _fit_loop(state, train_split, run.manager, run.log_file, run.start, elapsed=run.elapsed, **loop)
+        state, history = _fit_loop(state, train_split, None, None, 0, **loop)
+    else:
+        settings = {"num_steps": num_steps, "batch_size": batch_size, "seed": seed, "remainder": remainder}
+        run_manifest = workdir_manifest("fit", settings, manifest, train_split, eval_split, state.arrays())
+        with resumable_workdir(workdir, run_manifest, state.arrays(), overwrite=overwrite) as run:
+            state = state.replace_arrays(run.arrays)
+            state, history = _fit_loop(state, train_split, run.manager, run.log_file, run.start, elapsed=run.elapsed, **loop)
+    if devices is not None:  # back to the plain model on one device (trains and evaluates anywhere)
+        state = jax.device_put(state.replace(apply_fn=plain), devices[0])
+    return state, history
 
 
 def workdir_manifest(kind: str, settings: Mapping, caller: Mapping | None, train_split: data_lib.Split,

@@ -246,8 +246,19 @@ def step_memory_bytes(state: TrainState, image_shape: Sequence[int], batch_size:
     batch = {"image": jax.ShapeDtypeStruct((batch_size, *image_shape), image_dtype),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
              "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+    return _compiled_bytes(lambda: step.lower(state, batch, jax.random.key(0)).compile())
+
+
+def vmapped_step_memory_bytes(stacked: TrainState, batch: dict, rngs: jax.Array, loss_fn: Callable = softmax_loss) -> int | None:
+    """:func:`step_memory_bytes` of the vmapped step of :func:`multi_step` on a stacked state,
+    batches ``(N, B, ...)`` and rngs ``(N,)`` (for checking that memory grows about linearly in N)."""
+    step = jax.jit(_vmapped_step, donate_argnums=0, static_argnames=("loss_fn", "frozen"))
+    return _compiled_bytes(lambda: step.lower(stacked, batch, rngs, loss_fn=loss_fn, frozen=0).compile())
+
+
+def _compiled_bytes(compile_fn: Callable) -> int | None:
     try:
-        stats = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
+        stats = compile_fn().memory_analysis()
     except Exception:  # noqa: BLE001 - an analysis some backends lack is not an error
         return None
     if stats is None:

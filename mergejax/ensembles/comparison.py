@@ -49,19 +49,20 @@ def dropout_column(network: str, dataset: str) -> bool:
 
 
 def grid(config) -> list[GridCell]:
-    """The cells ``config`` runs: ``networks`` x ``datasets`` that have a ``budgets`` entry (all when ``budgets`` is
-    empty; none given: ``config.train`` alone, units directly under ``seed<k>/``), then one Table 3 cell per M of
-    ``table3_ms``, merged into the Table 1 cell when M is its budget's M. ``num_snapshots`` > 0 overrides every M."""
+    """The cells ``config`` runs: ``networks`` x ``datasets`` that have a ``budgets`` entry ``(epochs, M[, batch])``
+    (all when ``budgets`` is empty; none given: ``config.train`` alone, units directly under ``seed<k>/``), then one
+    Table 3 cell per M of ``table3_ms``, merged into the Table 1 cell when M is its budget's M. ``num_snapshots`` > 0
+    overrides every M; ``batch`` (default ``config.train.batch_size``) is the cell's batch size."""
     methods = tuple(config.columns) + tuple(config.extras)
     if not (config.networks or config.datasets or config.table3_ms):
         return [GridCell("", config.train, config.num_snapshots, methods)]
 
     def cell(net, ds, methods, m=None):
-        epochs, m0 = config.budgets[ds][net] if net in config.budgets.get(ds, {}) else (config.train.epochs, 0)
+        epochs, m0, *batch = config.budgets[ds][net] if net in config.budgets.get(ds, {}) else (config.train.epochs, 0)
         m0 = config.num_snapshots or m0
         m = m or m0
-        train = replace(config.train, model=net, dataset=ds, epochs=float(epochs),
-                        augment=config.train.augment and ds not in config.no_augment)
+        train = replace(config.train, model=net, dataset=ds, epochs=float(epochs), augment=config.train.augment and ds not in
+                        config.no_augment, batch_size=int(batch[0]) if batch else config.train.batch_size)
         methods = tuple(x for x in methods if x != "dropout" or dropout_column(net, ds))
         return GridCell(f"{net}/{ds}/" + ("" if m == m0 else f"M{m}/"), train, m, methods, m == m0)
 

@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mergejax.averaging.parallel import resolve_devices
 from mergejax.core import checkpoint as ckpt_lib
 from mergejax.core import data as data_lib
 from mergejax.core import trees
@@ -155,19 +154,19 @@ def fit_with_snapshots(state: TrainState, train_split: data_lib.Split, boundarie
 
 
 def fit_members(states: Sequence[TrainState], train_split: data_lib.Split, workdir: str, names: Sequence[str], *,
-                num_steps: int, seeds: Sequence[int], devices: int = 1, **fit_kwargs) -> tuple[dict[str, Params], float]:
+                num_steps: int, seeds: Sequence[int], devices: Sequence | None = None,
+                **fit_kwargs) -> tuple[dict[str, Params], float]:
     """Train ``states`` (one schedule, different seeds) as one vmapped program:
     :func:`~mergejax.core.multi.fit_many` in ``workdir/fit`` (checkpointed, resumed), then
     each final ``{'params', 'batch_stats'}`` saved to ``workdir/<names[i]>`` (read it back with
     ``checkpoint.load``). Member i ends where ``fit_with_snapshots(states[i], ..., seed=seeds[i])``
     ends, up to float rounding. Returns ``({name: final variables}, training wall time in s)``
-    (the group's, across resumes). ``devices`` as the train config key (0 = all local, k = the
-    first k): the members spread over as many of them as divide their number. ``fit_kwargs``
-    go to ``fit_many``."""
+    (the group's, across resumes). ``devices`` (e.g. :func:`~mergejax.averaging.parallel.resolve_devices`):
+    the members spread over as many of them as divide their number. ``fit_kwargs`` go to ``fit_many``."""
     if len(names) != len(states) or len(set(names)) != len(names):
         raise ValueError(f"need one distinct name per state, got {list(names)} for {len(states)} states")
     fit_dir = os.path.join(workdir, "fit")
-    devs = spread_devices(len(states), resolve_devices(devices))
+    devs = spread_devices(len(states), devices) if devices else None
     states, _ = fit_many(states, train_split, num_steps=num_steps, seeds=seeds, workdir=fit_dir, devices=devs, **fit_kwargs)
     finals = {n: {"params": s.params, "batch_stats": s.batch_stats} for n, s in zip(names, states)}
     for n, v in finals.items():

@@ -224,7 +224,8 @@ def equal_budget_plans(total_steps: int, steps_per_epoch: int, num_snapshots: in
     """Huang et al. 2017's comparison at one budget ``B = total_steps`` with ``M = num_snapshots``:
 
     ``single`` (lr, /10 at 50% and 75%; marks its M cycle ends: NoCycle), ``snapshot_<a0>`` (M cosine cycles
-    restarting at a0), ``single_cycle-<j>`` (M runs of one cosine cycle each, lengths summing to B), ``swa``
+    restarting at a0), ``single_cycle-<j>`` (M runs of one cosine cycle each, lengths summing to B), ``long_teacher``
+    (the single-model schedule stretched over M budgets: the FLOPs of a true ensemble), ``swa``
     (:func:`schedules.swa_schedule`, a running mean every epoch from ``swa_start`` of B), ``fge`` (pre-train to
     ``fge_start`` of B, then :func:`fge_plan` cycles sized by :func:`fge_cycle_steps`). Starts are fractions of B.
     """
@@ -239,6 +240,7 @@ def equal_budget_plans(total_steps: int, steps_per_epoch: int, num_snapshots: in
     starts = schedules.cycle_starts(T, M)
     for j, n in enumerate(b - a for a, b in zip(starts, starts[1:])):
         plans[f"single_cycle-{j}"] = RunPlan(schedules.snapshot_cosine(single_cycle_alpha0, n, 1), (n,), n)
+    plans["long_teacher"] = RunPlan(schedules.step_decay(lr, M * T), (M * T,), M * T)
     return plans
 
 
