@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from mergejax import papers, report
+from mergejax.averaging.parallel import resolve_devices
 from mergejax.averaging.rebasin import align
 from mergejax.averaging.weights import average
 from mergejax.cli.merge import stage_args
@@ -92,7 +93,8 @@ def run_seed(config, seed: int, train, test, out_dir: str, progress: bool) -> di
         g = checkpoint.load(path(source, "gated"))
         halves = {k: n // 2 for k, n in unit_spec(big, g["vars"]).groups.items()} if from_concat else None
         return compress_stage(big, model, g["vars"], g["log_alphas"], train, test, key=key, workdir=wd, progress=progress,
-                              teacher_units=halves, **finetune_args)[1]
+                              teacher_units=halves, devices=resolve_devices(config.teacher.devices, finetune_args["batch_size"]),
+                              **finetune_args)[1]
 
     epochs = {"teacher_a": T, "teacher_b": T, "long_teacher": 2 * T + G + F, "long_teacher_flops": 2 * T + 4 * G + F}
     width2 = {**dict(config.teacher.model_kwargs), "width": float(config.teacher.model_kwargs.get("width", 1.0)) * 2}

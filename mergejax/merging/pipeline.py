@@ -179,16 +179,18 @@ def finetune(
     manifest: Mapping | None = None,
     workdir: str | None = None,
     progress: bool = True,
+    devices: Sequence | None = None,
 ) -> tuple[dict, list[dict]]:
     """Normal training of ``variables`` (``{'params', 'batch_stats'}`` of ``model``) for
     ``num_steps`` with ``tx`` (e.g. :func:`finetune_tx`), evaluated on ``test`` once per epoch;
     ``key`` gives the batch order and step keys. Returns ``(variables, metrics records)``; with
-    ``workdir`` the run checkpoints there and the records are the whole run's (``read_metrics``)."""
+    ``workdir`` the run checkpoints there and the records are the whole run's (``read_metrics``).
+    ``devices`` (several): each batch split over them with BatchNorm synchronised (``fit``'s)."""
     state = _on_device(TrainState.create(apply_fn=model_apply_fn(model), params=variables["params"],
                                          batch_stats=variables["batch_stats"], tx=tx, lr_fn=lr_fn, augment_fn=augment_fn))
     state, log = fit(state, train, num_steps=num_steps, batch_size=batch_size, seed=seed_of(key), eval_split=test,
                      eval_batch_size=eval_batch_size, log_every=min(log_every, num_steps), workdir=workdir,
-                     checkpoint_every=checkpoint_every, progress=progress, manifest=manifest)
+                     checkpoint_every=checkpoint_every, progress=progress, manifest=manifest, devices=devices)
     out = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     return out, log if workdir is None else read_metrics(workdir)
 
