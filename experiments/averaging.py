@@ -24,7 +24,7 @@ from mergejax.config import to_dict
 from mergejax.core import checkpoint, data as data_lib
 from mergejax.core.loop import evaluate, fit
 from mergejax.core.models import make_model
-from mergejax.core.multi import fit_many, models_per_program, spread_devices, step_memory_bytes
+from mergejax.core.multi import fit_members, models_per_program, step_memory_bytes
 from mergejax.core.optim import make_optimizer
 from mergejax.core.train import create_state
 from mergejax.experiment import config_file, experiment_main, unit
@@ -73,17 +73,15 @@ def aligned_pair(config, out_dir, seed, train, test, progress):
     names = [f"interp/seed{seed}/net{j}" for j in (0, 1)]  # network j: init key 1000 + 2 seed + j, data order 2 seed + j
     if models_per_program(config.models_per_program, 2, bytes_per_model=lambda: step_memory_bytes(
             fresh(0), train.images.shape[1:], config.batch_size)) == 2:  # one vmapped program: unit interp/seed<s>/nets
-        def pair(workdir):  # each trained state's arrays in <unit>/net<j>
-            states, _ = fit_many([fresh(1000 + 2 * seed + j) for j in (0, 1)], train, seeds=[2 * seed + j for j in (0, 1)],
-                                 num_steps=config.pair_steps, batch_size=config.batch_size, workdir=os.path.join(workdir, "fit"),
-                                 checkpoint_every=config.checkpoint_every, progress=progress, manifest=cfg,
-                                 devices=spread_devices(2, resolve_devices(config.devices)))  # one net per device if 2+
-            for j, state in enumerate(states):
-                checkpoint.save(os.path.join(workdir, f"net{j}"), state.arrays(), overwrite=True)
-            return {f"net{j}": {"test": evaluate(state, test)} for j, state in enumerate(states)}
+        def pair(workdir):  # each trained network's {'params', 'batch_stats'} in <unit>/net<j>
+            nets, _ = fit_members([fresh(1000 + 2 * seed + j) for j in (0, 1)], train, workdir, ["net0", "net1"],
+                                  seeds=[2 * seed + j for j in (0, 1)], num_steps=config.pair_steps, batch_size=config.batch_size,
+                                  checkpoint_every=config.checkpoint_every, progress=progress, manifest=cfg,
+                                  devices=resolve_devices(config.devices))  # one net per device if 2+
+            return {n: {"test": evaluate(fresh(0).replace(**v), test)} for n, v in nets.items()}
         inputs = {f"interp/seed{seed}/nets": unit(out_dir, f"interp/seed{seed}/nets", {**cfg, "nets": [0, 1]}, pair)}
-        restore = lambda j: (lambda like: like.replace_arrays(checkpoint.load(os.path.join(  # noqa: E731
-            out_dir, "units", f"interp/seed{seed}/nets", f"net{j}"), like.arrays())))(fresh(0))
+        restore = lambda j: fresh(0).replace(**checkpoint.load(os.path.join(  # noqa: E731
+            out_dir, "units", f"interp/seed{seed}/nets", f"net{j}")))
     else:
         inputs = {names[j]: _fit(out_dir, names[j], {**cfg, "net": j}, lambda j=j: fresh(1000 + 2 * seed + j), train, {"test": test},
                                  steps=config.pair_steps, seed=2 * seed + j, config=config, progress=progress) for j in (0, 1)}

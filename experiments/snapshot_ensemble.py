@@ -17,11 +17,11 @@ import time
 from mergejax import report
 from mergejax.averaging.parallel import resolve_devices
 from mergejax.config import to_dict
-from mergejax.core import checkpoint, data as data_lib, optim as schedules
+from mergejax.core import checkpoint, data as data_lib, multi, optim as schedules
 from mergejax.core.models import make_model
 from mergejax.core.train import model_apply_fn
 from mergejax.ensembles.comparison import GridCell, alpha0s, cell_table, grid, method_rows, report_cells
-from mergejax.ensembles.snapshot import curve_summary, ensemble_curve, final_snapshot, fit_members, fit_with_snapshots
+from mergejax.ensembles.snapshot import curve_summary, ensemble_curve, final_snapshot, fit_with_snapshots
 from mergejax.ensembles.swa import (budget_step, equal_budget_plans, fge_cycle_steps, plan_state, swa_model,
                                     training_runs, weight_average_model)
 from mergejax.experiment import config_file, experiment_main, unit
@@ -73,9 +73,9 @@ def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, 
             stored.update({n: os.path.join(udir, name, n) for n in names})
 
             def fn(wd, g=g, names=names, plan=plan):
-                out, wall = fit_members([plan_state(plan, models[""], seed_of(j), shape, cfg) for j in g], train, wd, names,
-                                        num_steps=plan.num_steps, seeds=[seed_of(j) for j in g], progress=False,
-                                        manifest=ucfg(**deps_of(g[0])), **fit_kw)
+                out, wall = multi.fit_members([plan_state(plan, models[""], seed_of(j), shape, cfg) for j in g], train, wd, names,
+                                              num_steps=plan.num_steps, seeds=[seed_of(j) for j in g], progress=False,
+                                              manifest=ucfg(**deps_of(g[0])), **fit_kw)
                 finals.update(out)
                 return {"curves": {}, "wall_time_s": wall}
             do(name, {**deps_of(g[0]), "members": names}, fn)

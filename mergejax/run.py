@@ -14,7 +14,6 @@ from mergejax.averaging import parallel
 from mergejax.config import to_dict
 from mergejax.core import data as data_lib
 from mergejax.core import multi
-from mergejax.core.errors import UserError
 from mergejax.core.loop import evaluate, fit, read_metrics
 from mergejax.core.models import make_model, precision_dtype
 from mergejax.core.optim import make_optimizer, make_schedule
@@ -121,9 +120,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     """
     devices = parallel.resolve_devices(config.get("devices", 0), config.batch_size)  # refuse before loading data
     s = setup_ or setup(config)
-    if len(devices) > 1 and "bn_axis_name" not in getattr(s.model, "__dataclass_fields__", {}):
-        raise UserError(f"model {config.model!r} takes no bn_axis_name, so it cannot train on "
-                        f"{len(devices)} devices; set devices=1")
     t0 = time.perf_counter()
     state, history = fit(  # devices > 1: batch split over a mesh, synchronised BN (equals one device to float rounding)
         s.state, s.train, num_steps=s.num_steps, batch_size=config.batch_size, seed=config.seed,
@@ -170,10 +166,10 @@ def train_and_evaluate_many(config: ml_collections.ConfigDict, seeds, workdir: s
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    devices = multi.spread_devices(len(seeds), parallel.resolve_devices(config.get("devices", 0)))  # refuse before loading data
     first = setup(config, seed=seeds[0])
     setups = [first] + [setup(config, train=first.train, test=first.test, seed=s) for s in seeds[1:]]
     t0 = time.perf_counter()
-    devices = multi.spread_devices(len(seeds), parallel.resolve_devices(config.get("devices", 0)))
     states, histories = multi.fit_many(
         [s.state for s in setups], first.train, num_steps=first.num_steps, batch_size=config.batch_size, seeds=seeds,
         devices=devices,

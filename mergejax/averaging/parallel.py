@@ -53,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mergejax.core.train import softmax_loss, train_step
+from mergejax.core.train import placed_step, softmax_loss, train_step
 
 AXIS = "data"
 
@@ -126,14 +126,8 @@ def make_fit_step(mesh: Mesh, axis: str = AXIS, *, loss_fn: Callable = softmax_l
     batch, augmentation included; states built from equal configs share one compile."""
     step = jax.jit(dp_train_step, donate_argnums=0, static_argnames=DP_STATIC)
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-
-    def fit_step(state, batch, rng):
-        if getattr(state.step, "sharding", None) != replicated:  # a fresh or restored state; the step's own output is placed
-            state = jax.device_put(state, replicated)  # (a no-op device_put costs ~20 us per leaf: not every step)
-        batch, rng = jax.device_put((batch, rng), (split, replicated))
-        return step(state, batch, rng, mesh=mesh, axis=axis, loss_fn=loss_fn, frozen=frozen)
-
-    return fit_step
+    return placed_step(lambda state, batch, rng: step(state, batch, rng, mesh=mesh, axis=axis, loss_fn=loss_fn, frozen=frozen),
+                       replicated, (split, replicated))
 
 
 def data_parallel(state, devices, *, loss_fn: Callable = softmax_loss, frozen: int = 0):

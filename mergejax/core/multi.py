@@ -8,12 +8,14 @@ turns N small launch-bound steps into one step N times wider.
 
 :func:`fit_many` is :func:`~mergejax.core.loop.fit` for the stack: the same workdir
 (manifest, lock, checkpoints of the stacked state, ``metrics.jsonl`` whose lines carry a
-``model`` index and its ``seed``) and the same exact resume. :func:`models_per_program`
-decides how many seeds share one program.
+``model`` index and its ``seed``) and the same exact resume; :func:`fit_members` also saves
+each final model under a name. :func:`models_per_program` decides how many seeds share one
+program, :func:`spread_devices` over how many devices.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,12 +25,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mergejax.core import checkpoint as ckpt_lib
 from mergejax.core import data as data_lib
 from mergejax.core import trees
 from mergejax.core.errors import Diverged
 from mergejax.core.loop import (fetch_metrics, read_metrics, resumable_workdir, save_checked, workdir_manifest,
                                 write_record)
-from mergejax.core.train import STEP_STATIC, TrainState, model_eval_sums, softmax_loss, train_step
+from mergejax.core.train import STEP_STATIC, TrainState, model_eval_sums, placed_step, softmax_loss, train_step
 
 MODEL_AXIS = "models"
 
@@ -58,12 +61,14 @@ def _vmapped_step(state, batch, rng, *, loss_fn, frozen):
     return jax.vmap(lambda s, b, r: train_step(s, b, r, loss_fn=loss_fn, frozen=frozen))(state, batch, rng)
 
 
+_VMAPPED_STEP = jax.jit(_vmapped_step, donate_argnums=0, static_argnames=("loss_fn", "frozen"))
+
+
 def multi_step(loss_fn: Callable = softmax_loss, frozen: int = 0) -> Callable:
     """``step(stacked_state, batches (N, B, ...), rngs (N,)) -> (stacked_state, metrics (N,))``,
     jitted here with the state donated. ``loss_fn`` is static: a value-equal object reuses
     the compiled step across calls."""
-    step = jax.jit(_vmapped_step, donate_argnums=0, static_argnames=("loss_fn", "frozen"))
-    return lambda state, batch, rng: step(state, batch, rng, loss_fn=loss_fn, frozen=frozen)
+    return lambda state, batch, rng: _VMAPPED_STEP(state, batch, rng, loss_fn=loss_fn, frozen=frozen)
 
 
 def spread_step(devices: Sequence, loss_fn: Callable = softmax_loss, frozen: int = 0) -> Callable:
@@ -71,15 +76,8 @@ def spread_step(devices: Sequence, loss_fn: Callable = softmax_loss, frozen: int
     places the stacked state (when it is not there yet: a fresh or restored one), the batches
     ``(N, B, ...)`` and the rngs ``(N,)`` with ``PartitionSpec('models')``; jit keeps every
     model's computation on its device (models do not interact, so nothing is communicated)."""
-    step = multi_step(loss_fn, frozen)
     split = NamedSharding(Mesh(np.asarray(devices).reshape(-1), (MODEL_AXIS,)), P(MODEL_AXIS))
-
-    def spread(state, batch, rng):
-        if getattr(state.step, "sharding", None) != split:
-            state = jax.device_put(state, split)
-        return step(state, *jax.device_put((batch, rng), split))
-
-    return spread
+    return placed_step(multi_step(loss_fn, frozen), split, split)
 
 
 def spread_devices(num_models: int, devices: Sequence) -> list:
@@ -178,6 +176,28 @@ def fit_many(
         return _many_loop(stacked, train_split, run.manager, run.log_file, run.start, elapsed=run.elapsed, **loop)
 
 
+def fit_members(states: Sequence[TrainState], train_split: data_lib.Split, workdir: str, names: Sequence[str], *,
+                num_steps: int, seeds: Sequence[int], devices: Sequence | None = None,
+                **fit_kwargs) -> tuple[dict[str, Any], float]:
+    """Train ``states`` (one schedule, different seeds) as one vmapped program:
+    :func:`~mergejax.core.multi.fit_many` in ``workdir/fit`` (checkpointed, resumed), then
+    each final ``{'params', 'batch_stats'}`` saved to ``workdir/<names[i]>`` (read it back with
+    ``checkpoint.load``). Member i ends where ``fit(states[i], ..., seed=seeds[i])`` ends, up
+    to float rounding. Returns ``({name: final variables}, training wall time in s)``
+    (the group's, across resumes). ``devices`` (e.g. :func:`~mergejax.averaging.parallel.resolve_devices`):
+    the members spread over as many of them as divide their number. ``fit_kwargs`` go to ``fit_many``."""
+    if len(names) != len(states) or len(set(names)) != len(names):
+        raise ValueError(f"need one distinct name per state, got {list(names)} for {len(states)} states")
+    fit_dir = os.path.join(workdir, "fit")
+    devs = spread_devices(len(states), devices) if devices else None
+    states, _ = fit_many(states, train_split, num_steps=num_steps, seeds=seeds, workdir=fit_dir, devices=devs, **fit_kwargs)
+    finals = {n: {"params": s.params, "batch_stats": s.batch_stats} for n, s in zip(names, states)}
+    for n, v in finals.items():
+        ckpt_lib.save(os.path.join(workdir, n), v, overwrite=True)
+    times = [r["time_s"] for r in read_metrics(fit_dir) if r.get("time_s") is not None]
+    return finals, (times[-1] if times else 0.0)
+
+
 def _many_loop(stacked, train_split, manager, log_file, start, *, num_steps, batch_size, seeds, eval_split,
                eval_every, eval_batch_size, log_every, checkpoint_every, remainder, callbacks, loss_fn, progress, devices,
                elapsed=0.0):
@@ -252,8 +272,7 @@ def step_memory_bytes(state: TrainState, image_shape: Sequence[int], batch_size:
 def vmapped_step_memory_bytes(stacked: TrainState, batch: dict, rngs: jax.Array, loss_fn: Callable = softmax_loss) -> int | None:
     """:func:`step_memory_bytes` of the vmapped step of :func:`multi_step` on a stacked state,
     batches ``(N, B, ...)`` and rngs ``(N,)`` (for checking that memory grows about linearly in N)."""
-    step = jax.jit(_vmapped_step, donate_argnums=0, static_argnames=("loss_fn", "frozen"))
-    return _compiled_bytes(lambda: step.lower(stacked, batch, rngs, loss_fn=loss_fn, frozen=0).compile())
+    return _compiled_bytes(lambda: _VMAPPED_STEP.lower(stacked, batch, rngs, loss_fn=loss_fn, frozen=0).compile())
 
 
 def _compiled_bytes(compile_fn: Callable) -> int | None:

@@ -13,9 +13,8 @@ Resumable (a SIGKILL loses at most ``checkpoint_every`` steps; snapshots stay on
     curve = ensemble_curve(state.apply_fn, snaps, test)
     last = final_snapshot(workdir)  # later, in another process: the run's final model
 
-Members of one schedule (a true ensemble) in one vmapped program, each final model in ``workdir/<name>``:
-
-    finals, wall_s = fit_members(states, train, workdir, names, num_steps=T, seeds=seeds, batch_size=...)
+Members of one schedule (a true ensemble) train as one vmapped program with
+:func:`mergejax.core.multi.fit_members`.
 
 Each snapshot is written once: the one at the last step is ``fit``'s final checkpoint, and
 snapshots taken in this process are kept in memory, so only those of an earlier (killed)
@@ -40,7 +39,6 @@ from mergejax.core import checkpoint as ckpt_lib
 from mergejax.core import data as data_lib
 from mergejax.core import trees
 from mergejax.core.loop import fit, read_metrics
-from mergejax.core.multi import fit_many, spread_devices
 from mergejax.core.train import TrainState
 
 Params = Any
@@ -151,28 +149,6 @@ def fit_with_snapshots(state: TrainState, train_split: data_lib.Split, boundarie
     if boundaries and boundaries[-1] == num_steps:
         snaps.append(final)
     return state, snaps, read_metrics(fit_dir)
-
-
-def fit_members(states: Sequence[TrainState], train_split: data_lib.Split, workdir: str, names: Sequence[str], *,
-                num_steps: int, seeds: Sequence[int], devices: Sequence | None = None,
-                **fit_kwargs) -> tuple[dict[str, Params], float]:
-    """Train ``states`` (one schedule, different seeds) as one vmapped program:
-    :func:`~mergejax.core.multi.fit_many` in ``workdir/fit`` (checkpointed, resumed), then
-    each final ``{'params', 'batch_stats'}`` saved to ``workdir/<names[i]>`` (read it back with
-    ``checkpoint.load``). Member i ends where ``fit_with_snapshots(states[i], ..., seed=seeds[i])``
-    ends, up to float rounding. Returns ``({name: final variables}, training wall time in s)``
-    (the group's, across resumes). ``devices`` (e.g. :func:`~mergejax.averaging.parallel.resolve_devices`):
-    the members spread over as many of them as divide their number. ``fit_kwargs`` go to ``fit_many``."""
-    if len(names) != len(states) or len(set(names)) != len(names):
-        raise ValueError(f"need one distinct name per state, got {list(names)} for {len(states)} states")
-    fit_dir = os.path.join(workdir, "fit")
-    devs = spread_devices(len(states), devices) if devices else None
-    states, _ = fit_many(states, train_split, num_steps=num_steps, seeds=seeds, workdir=fit_dir, devices=devs, **fit_kwargs)
-    finals = {n: {"params": s.params, "batch_stats": s.batch_stats} for n, s in zip(names, states)}
-    for n, v in finals.items():
-        ckpt_lib.save(os.path.join(workdir, n), v, overwrite=True)
-    times = [r["time_s"] for r in read_metrics(fit_dir) if r.get("time_s") is not None]
-    return finals, (times[-1] if times else 0.0)
 
 
 def final_snapshot(workdir: str, target: Params | None = None) -> Params:
