@@ -61,14 +61,18 @@ def _vmapped_step(state, batch, rng, *, loss_fn, frozen):
     return jax.vmap(lambda s, b, r: train_step(s, b, r, loss_fn=loss_fn, frozen=frozen))(state, batch, rng)
 
 
-_VMAPPED_STEP = jax.jit(_vmapped_step, donate_argnums=0, static_argnames=("loss_fn", "frozen"))
+def _vmapped_jit() -> Callable:
+    """The jitted vmapped step (state donated). Built per call, not at import (library rule); jit
+    wrappers of one function share their compiled executables."""
+    return jax.jit(_vmapped_step, donate_argnums=0, static_argnames=("loss_fn", "frozen"))
 
 
 def multi_step(loss_fn: Callable = softmax_loss, frozen: int = 0) -> Callable:
     """``step(stacked_state, batches (N, B, ...), rngs (N,)) -> (stacked_state, metrics (N,))``,
     jitted here with the state donated. ``loss_fn`` is static: a value-equal object reuses
     the compiled step across calls."""
-    return lambda state, batch, rng: _VMAPPED_STEP(state, batch, rng, loss_fn=loss_fn, frozen=frozen)
+    step = _vmapped_jit()
+    return lambda state, batch, rng: step(state, batch, rng, loss_fn=loss_fn, frozen=frozen)
 
 
 def spread_step(devices: Sequence, loss_fn: Callable = softmax_loss, frozen: int = 0) -> Callable:
@@ -272,7 +276,7 @@ def step_memory_bytes(state: TrainState, image_shape: Sequence[int], batch_size:
 def vmapped_step_memory_bytes(stacked: TrainState, batch: dict, rngs: jax.Array, loss_fn: Callable = softmax_loss) -> int | None:
     """:func:`step_memory_bytes` of the vmapped step of :func:`multi_step` on a stacked state,
     batches ``(N, B, ...)`` and rngs ``(N,)`` (for checking that memory grows about linearly in N)."""
-    return _compiled_bytes(lambda: _VMAPPED_STEP.lower(stacked, batch, rngs, loss_fn=loss_fn, frozen=0).compile())
+    return _compiled_bytes(lambda: _vmapped_jit().lower(stacked, batch, rngs, loss_fn=loss_fn, frozen=0).compile())
 
 
 def _compiled_bytes(compile_fn: Callable) -> int | None:
