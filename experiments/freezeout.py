@@ -21,6 +21,7 @@ import ml_collections
 
 from mergejax import freezeout as fo
 from mergejax import papers, report
+from mergejax.averaging.parallel import resolve_devices
 from mergejax.config import replace, to_dict
 from mergejax.core import data as data_lib
 from mergejax.core.models import make_model
@@ -81,7 +82,8 @@ def _sweep(config, net, tc, train, test, out_dir, progress) -> tuple[list[dict],
     loop = dict(total_steps=total, batch_size=tc.batch_size, lr=tc.lr, max_stages=config.max_stages,
                 augment_fn=data_lib.augment_cifar if tc.augment else None, remainder=tc.remainder, log_every=tc.log_every,
                 checkpoint_every=tc.checkpoint_every, eval_batch_size=tc.eval_batch_size, repeats=config.repeats,
-                progress=progress, cache={})  # cache: compiled stages shared by the sweep
+                progress=progress, cache={},  # cache: compiled stages shared by the sweep
+                devices=resolve_devices(tc.devices, tc.batch_size))  # each batch split over them, BN synchronised
     runs = []
     for seed in config.seeds:
         for j, point in enumerate(CONFIG.sweep_points(config)):

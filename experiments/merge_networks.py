@@ -82,10 +82,13 @@ def run_seed(config, seed: int, train, test, out_dir: str, progress: bool) -> di
         bn = {**avg, "batch_stats": recompute_batch_stats(model_apply_fn(model), avg["params"], avg["batch_stats"], train)}
         return {"plain": evaluate_vars(model, avg, test), "bn": evaluate_vars(model, bn, test)}
 
+    def on_devices(args):  # each batch of the gate and fine-tune stages split over teacher.devices
+        return resolve_devices(config.teacher.devices, args["batch_size"])
+
     def gated(wd, sources, key):  # gate learning on two saved networks' concatenation, or one double-width network
         nets = [checkpoint.load(path(n)) for n in sources]
         big_vars = concat(*nets, unit_spec(model, nets[0])) if len(nets) == 2 else nets[0]
-        vars_, las, summary = gate_stage(big, big_vars, train, test, key=key, workdir=wd, progress=progress, **gate_args)
+        vars_, las, summary = gate_stage(big, big_vars, train, test, key=key, workdir=wd, progress=progress, devices=on_devices(gate_args), **gate_args)
         checkpoint.save(os.path.join(wd, "gated"), {"vars": vars_, "log_alphas": las}, overwrite=True)
         return summary
 
@@ -93,8 +96,7 @@ def run_seed(config, seed: int, train, test, out_dir: str, progress: bool) -> di
         g = checkpoint.load(path(source, "gated"))
         halves = {k: n // 2 for k, n in unit_spec(big, g["vars"]).groups.items()} if from_concat else None
         return compress_stage(big, model, g["vars"], g["log_alphas"], train, test, key=key, workdir=wd, progress=progress,
-                              teacher_units=halves, devices=resolve_devices(config.teacher.devices, finetune_args["batch_size"]),
-                              **finetune_args)[1]
+                              teacher_units=halves, devices=on_devices(finetune_args), **finetune_args)[1]
 
     epochs = {"teacher_a": T, "teacher_b": T, "long_teacher": 2 * T + G + F, "long_teacher_flops": 2 * T + 4 * G + F}
     width2 = {**dict(config.teacher.model_kwargs), "width": float(config.teacher.model_kwargs.get("width", 1.0)) * 2}

@@ -185,6 +185,7 @@ print(json.dumps({"gap": gap, "moved": moved, "resume_gap": resume_gap, "bad": b
 """
 
 
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
 def test_models_spread_over_devices_equal_one_device(run_python, tmp_path):
     """``fit_many(..., devices=4 of 8 simulated)``: each device trains whole models, so every
     model equals the one-device stacked run (augmentation on); a run interrupted on 4 devices
@@ -228,6 +229,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
 def test_snapshot_experiment_on_all_devices_equals_one_device(run_python, tmp_path):
     """experiments/snapshot_ensemble.py on 4 simulated devices (train.devices=0): every run's batch is split
     over them with synchronised BN (single model, snapshot ensemble, SWA with its BN re-estimate on the plain
@@ -247,20 +249,24 @@ def test_snapshot_experiment_on_all_devices_equals_one_device(run_python, tmp_pa
     assert len({round(v[1], 6) for v in one.values()}) >= 4  # the rows differ: not one model compared with itself
 
 
-_FINETUNE = """
+_PRELUDE = """
 import json
 import jax, numpy as np
 import mergejax.averaging.parallel as par
 from mergejax.core import data as data_lib
 from mergejax.core.models import make_model, init_variables
 from mergejax.core.units import variables_of
-from mergejax.merging.pipeline import finetune, finetune_tx
 
-calls = []
+calls = []  # spy: the device count of every data-parallel fit
 orig = par.data_parallel
 par.data_parallel = lambda state, devices, **k: calls.append(len(devices)) or orig(state, devices, **k)
 train, test = data_lib.load("digits", "train"), data_lib.load("digits", "test")
 model = make_model("cnn", 10, width=0.25)
+"""
+
+_FINETUNE = _PRELUDE + """
+from mergejax.merging.pipeline import finetune, finetune_tx
+
 start = jax.device_get(variables_of(*init_variables(model, jax.random.key(0), (1, 8, 8, 1))))  # host: fit donates its state
 out = {}
 for name, devices in (("one", None), ("four", jax.devices()[:4])):
@@ -280,3 +286,68 @@ def test_merge_finetune_on_four_devices_equals_one(run_python):
     r = json.loads(run_python(_FINETUNE, env=_env(4)).stdout.strip().splitlines()[-1])
     assert r["calls"] == [4] and r["moved"] > 1e-2, r  # the 4-device run went through the data-parallel step; training moved
     assert r["gap"] <= 1e-5, r  # observed 1.2e-7
+
+
+_FREEZEOUT = """
+import json
+import jax, numpy as np
+from mergejax import freezeout as fo
+from mergejax.core import data as data_lib
+from mergejax.core.models import make_model
+from mergejax.core.optim import make_optimizer
+
+train, test = data_lib.load("digits", "train"), data_lib.load("digits", "test")
+model = make_model("cnn", 10, width=0.25)
+out = {}
+for name, devices in (("one", None), ("four", jax.devices()[:4])):
+    r = fo.train_and_evaluate(model, train, test, make_optimizer("sgd", 1.0, momentum=0.9), total_steps=12, batch_size=32,
+                              lr=0.1, t0=0.3, spacing="linear", log_every=4, devices=devices)
+    out[name] = {k: r[k] for k in ("test_loss", "test_accuracy", "train_loss", "stage_prefixes", "num_devices_used")}
+print(json.dumps(out))
+"""
+
+
+def test_freezeout_on_four_devices_equals_one(run_python):
+    """FreezeOut's staged steps (experiments/freezeout.py passes ``train.devices``) on 4 simulated devices:
+    each stage's batch split with synchronised BN, the frozen prefix held, equals one device."""
+    r = json.loads(run_python(_FREEZEOUT, env=_env(4)).stdout.strip().splitlines()[-1])
+    one, four = r["one"], r["four"]
+    assert one["num_devices_used"] == 1 and four["num_devices_used"] == 4, r
+    assert one["stage_prefixes"] == four["stage_prefixes"] and len(one["stage_prefixes"]) >= 3, r  # layers froze
+    for key in ("test_loss", "train_loss"):
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-5, err_msg=key)
+    assert abs(four["test_accuracy"] - one["test_accuracy"]) <= 1 / 360 + 1e-6, r
+
+
+_GATES = _PRELUDE + """
+from mergejax.core.units import unit_spec
+from mergejax.merging.concat import concat
+from mergejax.merging.gates import lambda_schedule
+from mergejax.merging.pipeline import double_width, gate_stage, gate_tx
+
+a, b = (jax.device_get(variables_of(*init_variables(model, jax.random.key(s), (1, 8, 8, 1)))) for s in (0, 1))
+big_vars = jax.device_get(concat(a, b, unit_spec(model, a)))  # host arrays: each stage donates its device copy
+out = {}
+for name, devices in (("one", None), ("four", jax.devices()[:4])):
+    tx, lr_fn = gate_tx(8, lr=0.05)
+    # log-alphas 30: every sampled gate is exactly 1 (stretched past 1, clipped), whatever the device's key
+    v, las, s = gate_stage(double_width(model), big_vars, train, test, key=jax.random.key(3), tx=tx, lr_fn=lr_fn, num_steps=8,
+                           lambda_fn=lambda_schedule(0.05, 0.05, 4, 2), batch_size=32, log_every=4, log_alpha_mean=30.0,
+                           log_alpha_std=0.0, progress=False, devices=devices)
+    out[name] = [np.asarray(x) for x in jax.tree.leaves((v, las))]
+    out[name + "_loss"] = s["big_student_after_gates"]["loss"]
+gap = max(float(np.max(np.abs(x - y))) for x, y in zip(out["one"], out["four"]))
+moved = max(float(np.max(np.abs(x - np.asarray(y)))) for x, y in zip(out["one"], jax.tree.leaves(big_vars)))
+print(json.dumps({"gap": gap, "moved": moved, "loss": [out["one_loss"], out["four_loss"]], "calls": calls}))
+"""
+
+
+def test_gate_stage_on_four_devices_equals_one(run_python):
+    """The merging gate stage (``gate_stage(..., devices=)``, experiments/merge_networks.py passes
+    ``teacher.devices``) on 4 simulated devices: the gated big student's batch split with synchronised BN and
+    the GateLoss shares summed equals one device. The gates are held exactly open (log-alpha 30), so each
+    device's own gate samples equal one device's."""
+    r = json.loads(run_python(_GATES, env=_env(4)).stdout.strip().splitlines()[-1])
+    assert r["calls"] == [4] and r["moved"] > 1e-2, r  # the 4-device run went through the data-parallel step; training moved
+    assert r["gap"] <= 1e-5, r
+    np.testing.assert_allclose(r["loss"][1], r["loss"][0], rtol=1e-5)

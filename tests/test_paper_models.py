@@ -304,3 +304,50 @@ def test_dropout_needs_rng_and_leaves_init_and_eval_alone(name, kw, shape):
     assert float(jnp.abs(t1 - t2).max()) > 1e-4 and float(jnp.abs(t1 - t0).max()) > 1e-4
     with pytest.raises(Exception, match="dropout"):
         apply_model(drop, p0, s0, x, train=True)  # no rng: Flax asks for the 'dropout' stream
+
+
+# --- the fused DenseNet forward ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,kw,shape", [c for c in CASES if c[0] in ("densenet40", "densenet_bc76")], ids=["densenet40", "densenet_bc76"])
+def test_fused_densenet_equals_one_conv_per_segment(name, kw, shape):
+    """One BatchNorm and one conv over the concatenated segments (the default) against the
+    reference path, one nn.BatchNorm and one nn.Conv per (layer, segment) summed: the same
+    variables from the same key, the same logits, batch statistics and gradients, in eval and
+    training, with synchronised BatchNorm over a 2-device vmap axis too."""
+    model = make_model(name, 10, fused=True, **kw)
+    ref = model.clone(fused=False)
+    p, s = init_variables(ref, jax.random.key(0), shape)
+    jax.tree.map(np.testing.assert_array_equal, (p, s), init_variables(model, jax.random.key(0), shape))
+    x = 3.0 * jax.random.normal(jax.random.key(4), shape) + 1.0
+    # Trained-looking statistics, so eval mode reads non-trivial running moments.
+    _, s = apply_model(ref, p, s, x, train=True)
+    y = jnp.arange(shape[0]) % 10
+    for train in (False, True):
+        got, got_s = apply_model(model, p, s, x, train=train)
+        want, want_s = apply_model(ref, p, s, x, train=train)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_s, want_s)
+    g_got = _grads(model, p, s, x, y, 0)
+    g_want = _grads(ref, p, s, x, y, 0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.abs(b).max())), g_got, g_want)
+    # Synchronised BatchNorm: two halves of the batch on a vmapped axis equal the whole batch.
+    half = jnp.stack([x[: shape[0] // 2], x[shape[0] // 2:]])
+    for m in (model, ref):
+        sync = m.clone(bn_axis_name="b")
+        out, st = jax.vmap(lambda xb: apply_model(sync, p, s, xb, train=True), axis_name="b")(half)
+        whole, whole_s = apply_model(ref, p, s, x, train=True)
+        np.testing.assert_allclose(out.reshape(whole.shape), whole, rtol=1e-4, atol=1e-5 * float(jnp.abs(whole).max()))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), st, whole_s)
+
+
+def test_fused_densenet_mixed_precision_matches_reference():
+    """bf16 compute: the fused path casts like nn.BatchNorm / nn.Conv (fp32 moments, bf16 conv)."""
+    model = make_model("densenet40", 10, depth=10, width=0.5, dtype=jnp.bfloat16, fused=True)
+    p, s = init_variables(model, jax.random.key(0), (4, 8, 8, 3))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    got, got_s = apply_model(model, p, s, x, train=True)
+    want, want_s = apply_model(model.clone(fused=False), p, s, x, train=True)
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2 * float(jnp.abs(want).max()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2), got_s, want_s)

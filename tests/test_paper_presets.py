@@ -220,6 +220,7 @@ def test_freezeout_paper_preset_end_to_end(mock_cifar):
     assert "### densenet_bc76" in table and "### vgg16" in table and "**Published numbers**" in table
 
 
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
 def test_merge_paper_preset_both_rows_end_to_end(mock_cifar):
     out = str(mock_cifar / "merge")
     sets = ["seeds=(0,)", "baselines=('aligned_average',)"]

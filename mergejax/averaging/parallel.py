@@ -44,6 +44,7 @@ steps). One device runs the plain step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -130,20 +131,26 @@ def make_fit_step(mesh: Mesh, axis: str = AXIS, *, loss_fn: Callable = softmax_l
                        replicated, (split, replicated))
 
 
-def data_parallel(state, devices, *, loss_fn: Callable = softmax_loss, frozen: int = 0):
-    """``(state, step_fn)`` for ``fit`` on a ``data`` mesh over ``devices``: the state's model
-    rebuilt with ``bn_axis_name=AXIS`` (BatchNorm synchronised) and :func:`make_fit_step`.
-    The state's ``apply_fn`` must be a :class:`~mergejax.core.train.ModelApply` of a model that
-    takes ``bn_axis_name``; otherwise :class:`~mergejax.core.errors.UserError` (one line)."""
+def sync_bn(state, devices):
+    """``state`` with its model rebuilt with ``bn_axis_name=AXIS`` (BatchNorm synchronised over
+    the ``data`` axis). The state's ``apply_fn`` must be a frozen dataclass with a ``model`` field
+    (:class:`~mergejax.core.train.ModelApply`, the merging gates'
+    :class:`~mergejax.merging.train.GatedApply`) whose model takes ``bn_axis_name``; otherwise
+    :class:`~mergejax.core.errors.UserError` (one line, naming the ``len(devices)`` devices)."""
     from mergejax.core.errors import UserError
-    from mergejax.core.train import model_apply_fn
 
-    model = getattr(state.apply_fn, "model", None)
+    apply_fn = state.apply_fn
+    model = getattr(apply_fn, "model", None) if dataclasses.is_dataclass(apply_fn) else None
     if model is None or "bn_axis_name" not in getattr(model, "__dataclass_fields__", {}):
         name = type(model).__name__ if model is not None else "this state's model"
         raise UserError(f"{name} takes no bn_axis_name, so it cannot train on {len(devices)} devices; set devices=1")
-    return (state.replace(apply_fn=model_apply_fn(model.clone(bn_axis_name=AXIS))),
-            make_fit_step(data_mesh(devices), loss_fn=loss_fn, frozen=frozen))
+    return state.replace(apply_fn=dataclasses.replace(apply_fn, model=model.clone(bn_axis_name=AXIS)))
+
+
+def data_parallel(state, devices, *, loss_fn: Callable = softmax_loss, frozen: int = 0):
+    """``(state, step_fn)`` for ``fit`` on a ``data`` mesh over ``devices``: :func:`sync_bn` of the
+    state and :func:`make_fit_step`."""
+    return sync_bn(state, devices), make_fit_step(data_mesh(devices), loss_fn=loss_fn, frozen=frozen)
 
 
 def make_pmap_step(axis: str = AXIS, devices=None, *, loss_fn: Callable = softmax_loss, frozen: int = 0):

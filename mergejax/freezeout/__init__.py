@@ -56,7 +56,7 @@ from mergejax.core import data as data_lib
 from mergejax.core import trees
 from mergejax.core.loop import evaluate, fit, read_metrics
 from mergejax.core.optim import value_equal
-from mergejax.core.train import TrainState, create_state, train_step
+from mergejax.core.train import TrainState, create_state, model_apply_fn, placed_step, train_step
 
 Params = Any
 SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}
@@ -268,30 +268,40 @@ def hold(old: Params, new: Params, held: Mapping[str, jax.Array]) -> Params:
     return {k: (jax.tree.map(lambda a, b: jnp.where(held[k], a, b), old[k], v) if k in held else v) for k, v in new.items()}
 
 
-def freezeout_step(state: TrainState, batch: dict, rng: jax.Array, *, frozen: int = 0) -> tuple[TrainState, dict]:
+def freezeout_step(state: TrainState, batch: dict, rng: jax.Array, *, frozen: int = 0,
+                   mesh: Any = None) -> tuple[TrainState, dict]:
     """The core ``train_step(state, batch, rng, frozen=frozen)`` (static prefix in eval mode,
     no backward there), then every layer past its freeze step (read from the optimizer state)
     held exactly: parameters and BatchNorm statistics. The hold matters for a layer frozen
     inside a group whose stage has not started (``max_stages``); ``state.tx`` must come from
     :func:`freezeout_tx`. Extra metric: ``frozen_layers`` (layers held at this step).
+
+    ``mesh``: a ``data`` mesh (:func:`mergejax.averaging.parallel.data_mesh`): the batch is split
+    over its devices (:func:`~mergejax.averaging.parallel.dp_train_step`; the state's model
+    synchronises BatchNorm over that axis, :func:`~mergejax.averaging.parallel.sync_bn`).
     """
     fs = freezeout_state(state.opt_state)
     held = {n: fs.count >= f for n, f in fs.freeze_steps.items()}
-    new, metrics = train_step(state, batch, rng, frozen=frozen)
+    if mesh is None:
+        new, metrics = train_step(state, batch, rng, frozen=frozen)
+    else:
+        from mergejax.averaging.parallel import dp_train_step  # that package imports the core, as this one does
+
+        new, metrics = dp_train_step(state, batch, rng, mesh=mesh, frozen=frozen)
     new = new.replace(params=hold(state.params, new.params, held), batch_stats=hold(state.batch_stats, new.batch_stats, held))
     metrics["frozen_layers"] = sum(h.astype(jnp.int32) for h in held.values())
     return new, metrics
 
 
 def _jit_step() -> Callable:
-    # jitted where it is used; JAX keys its trace cache on freezeout_step and the static `frozen`
-    return jax.jit(freezeout_step, donate_argnums=0, static_argnames="frozen")
+    # jitted where it is used; JAX keys its trace cache on freezeout_step and the static args
+    return jax.jit(freezeout_step, donate_argnums=0, static_argnames=("frozen", "mesh"))
 
 
-def stage_step(frozen: int) -> Callable:
+def stage_step(frozen: int, mesh: Any = None) -> Callable:
     """The jitted step ``(state, batch, rng) -> (state, metrics)`` of the stage with static prefix
-    ``frozen`` (state donated)."""
-    return functools.partial(_jit_step(), frozen=frozen)
+    ``frozen`` (state donated; ``mesh``: see :func:`freezeout_step`)."""
+    return functools.partial(_jit_step(), frozen=frozen, mesh=mesh)
 
 
 def stage_signature(state: TrainState, batch: dict, rng: jax.Array) -> tuple:
@@ -309,21 +319,23 @@ def _flops(compiled) -> float:
 
 
 def compile_stages(plan: FreezeOutPlan, state: TrainState, batch: dict, rng: jax.Array,
-                   cache: dict | None = None) -> tuple[dict[int, Callable], dict[int, dict]]:
-    """Compile every stage of ``plan`` (and the unfrozen stage 0) once for these arguments.
+                   cache: dict | None = None, mesh: Any = None) -> tuple[dict[int, Callable], dict[int, dict]]:
+    """Compile every stage of ``plan`` (and the unfrozen stage 0) once for these arguments
+    (placed as the steps will get them; ``mesh``: see :func:`freezeout_step`).
 
     Returns ``(steps, costs)``: ``steps[frozen]`` is the compiled step (call it like the step),
     ``costs[frozen] = {'flops': per step from XLA's cost analysis, 'compile_s'}``. ``cache``: a
     dict the caller creates and passes to every call (e.g. all runs of a sweep), filled with
-    ``(frozen, stage_signature(...)) -> (compiled, cost)``; stages found there are reused.
+    ``(frozen, stage_signature(...), mesh) -> (compiled, cost)``; stages found there are reused.
+    With a mesh, ``flops`` is one device's program.
     """
     cache = {} if cache is None else cache
-    signature = stage_signature(state, batch, rng)
+    signature = (stage_signature(state, batch, rng), mesh)
     steps, costs = {}, {}
     for k in sorted({0, *(f for _, f in plan.stages)}):
         if (k, signature) not in cache:
             t = time.perf_counter()
-            compiled = _jit_step().lower(state, batch, rng, frozen=k).compile()
+            compiled = _jit_step().lower(state, batch, rng, frozen=k, mesh=mesh).compile()
             cache[k, signature] = (compiled, {"flops": _flops(compiled), "compile_s": time.perf_counter() - t})
         steps[k], costs[k] = cache[k, signature]
     return steps, costs
@@ -352,9 +364,10 @@ def cost_report(plan: FreezeOutPlan, costs: Mapping[int, Mapping[str, float]]) -
     return "\n".join(lines)
 
 
-def staged_step_fn(plan: FreezeOutPlan, steps: Mapping[int, Callable] | None = None) -> Callable:
+def staged_step_fn(plan: FreezeOutPlan, steps: Mapping[int, Callable] | None = None, mesh: Any = None) -> Callable:
     """A ``fit`` step_fn ``(state, batch, rng) -> (state, metrics)`` that runs each step with its
-    stage's compiled step (from ``steps``, e.g. :func:`compile_stages`, else :func:`stage_step`).
+    stage's compiled step (from ``steps``, e.g. :func:`compile_stages`, else :func:`stage_step`
+    on ``mesh``).
 
     The step counter lives on the host (read from ``state.step`` once, at the first call), so
     switching stages never waits for the device.
@@ -367,7 +380,7 @@ def staged_step_fn(plan: FreezeOutPlan, steps: Mapping[int, Callable] | None = N
             counter[0] = int(state.step)
         k = plan.frozen_at(counter[0])
         if k not in steps:
-            steps[k] = stage_step(k)
+            steps[k] = stage_step(k, mesh)
         counter[0] += 1
         return steps[k](state, batch, rng)
 
@@ -401,7 +414,7 @@ def train_and_evaluate(model: nn.Module, train: data_lib.Split, test: data_lib.S
                        scaled: bool = True, max_stages: int | None = None, seed: int = 0, augment_fn: Callable | None = None,
                        remainder: str = "drop", log_every: int = 50, checkpoint_every: int = 0, eval_batch_size: int = 500,
                        workdir: str | None = None, repeats: int = 1, manifest: Mapping | None = None,
-                       progress: bool = False, cache: dict | None = None) -> dict:
+                       progress: bool = False, cache: dict | None = None, devices: Sequence | None = None) -> dict:
     """Train ``model`` on ``train`` for ``total_steps`` with FreezeOut at alpha(0) = ``lr`` over the
     unit-rate optimizer ``base_tx``, evaluate on ``test``; ``t0 = 1`` is the no-freeze baseline
     (one stage). ``seed`` initialises the model and orders the batches. Returns a JSON-able summary.
@@ -418,6 +431,10 @@ def train_and_evaluate(model: nn.Module, train: data_lib.Split, test: data_lib.S
     :func:`compile_stages`). The optimizer is built from the no-freeze plan and the run's plan
     enters as optimizer-state data (:func:`with_plan`), so all runs of a sweep on one model,
     optimizer and batch shape share each stage's compile.
+
+    ``devices`` (2 or more, e.g. :func:`~mergejax.averaging.parallel.resolve_devices`): each batch
+    is split over a ``data`` mesh of them with BatchNorm synchronised, equal to one device up to
+    float rounding; evaluation runs on the first.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -425,23 +442,36 @@ def train_and_evaluate(model: nn.Module, train: data_lib.Split, test: data_lib.S
     plan = make_plan(names, total_steps, lr=lr, t0=t0, spacing=spacing, scaled=scaled, max_stages=max_stages)
     tx = freezeout_tx(make_plan(names, total_steps, t0=1.0), base_tx)  # equal for every plan: one static value
 
+    mesh = place = None
+    if devices is not None and len(devices) > 1:
+        from mergejax.averaging import parallel
+
+        mesh = parallel.data_mesh(devices)
+        replicated, split = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*a)) for a in ((), (parallel.AXIS,)))
+        place = functools.partial(placed_step, state_sharding=replicated, input_sharding=(split, replicated))
+
     def fresh():
         state = create_state(model, jax.random.key(seed), (1, *train.images.shape[1:]), tx, augment_fn=augment_fn)
-        return state.replace(opt_state=with_plan(state.opt_state, plan))
+        state = state.replace(opt_state=with_plan(state.opt_state, plan))
+        return state if mesh is None else jax.device_put(parallel.sync_bn(state, devices), replicated)
 
-    sample = jax.device_put(next(data_lib.batches(train, batch_size, seed=seed, remainder=remainder)))
-    steps, costs = compile_stages(plan, fresh(), sample, jax.random.key(0), cache)
+    sample = next(data_lib.batches(train, batch_size, seed=seed, remainder=remainder))
+    sample, key = jax.device_put((sample, jax.random.key(0)), (split, replicated) if mesh is not None else None)
+    steps, costs = compile_stages(plan, fresh(), sample, key, cache, mesh)
     if progress:
         print(cost_report(plan, costs), flush=True)
     loop = dict(num_steps=total_steps, batch_size=batch_size, seed=seed, log_every=log_every, remainder=remainder,
                 progress=progress)
     timings = []
     for r in range(repeats):
-        step, callback, record = _timed(staged_step_fn(plan, steps), total_steps)
+        staged = staged_step_fn(plan, steps, mesh)
+        step, callback, record = _timed(staged if mesh is None else place(staged), total_steps)
         kw = dict(workdir=workdir, checkpoint_every=checkpoint_every, manifest=manifest) if r == 0 else {}
         state, history = fit(fresh(), train, step_fn=step, callbacks=[callback], **loop, **kw)
         timings.append(record)
         if r == 0:
+            if mesh is not None:  # the plain model on one device
+                state = jax.device_put(state.replace(apply_fn=model_apply_fn(model)), devices[0])
             final = evaluate(state, test, eval_batch_size)
             records = read_metrics(workdir) if workdir is not None else history
             train_loss = [h for h in records if h["split"] == "train"][-1]["loss"]
@@ -458,5 +488,5 @@ def train_and_evaluate(model: nn.Module, train: data_lib.Split, test: data_lib.S
         "cpu_s": min(t["cpu_s"] for t in timed) if timed else None,
         "timed_runs": len(timed), "resumed": first > 0, "timed_from_step": first,
         "test_accuracy": final["accuracy"], "test_loss": final["loss"], "train_loss": train_loss,
-        "device_kind": jax.devices()[0].device_kind,
+        "device_kind": jax.devices()[0].device_kind, "num_devices_used": 1 if mesh is None else len(devices),
     }

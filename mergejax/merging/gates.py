@@ -143,10 +143,14 @@ def gated_apply(
     left out is ungated); ``None`` = the plain model. Returns (logits (B, K), batch_stats).
 
     Implemented with a Linen method interceptor on ``nn.Dense`` / ``nn.Conv``, so the models
-    themselves are unchanged.
+    themselves are unchanged. A model that fuses several groups' kernels into one op (a
+    ``fused`` field, e.g. :class:`~mergejax.core.models.DenseNet`) runs unfused here, one
+    ``nn.Conv`` per kernel: the same parameters and function.
     """
     if not gates:
         return apply_model(model, params, batch_stats, x, train=train, frozen=frozen, rng=rng)
+    if "fused" in getattr(model, "__dataclass_fields__", {}):
+        model = model.clone(fused=False)
     where = consumer_groups(spec)
     unknown = set(gates) - set(spec.groups)
     if unknown:

@@ -119,6 +119,7 @@ def gate_stage(
     workdir: str | None = None,
     progress: bool = True,
     callbacks: Sequence[Callable] = (),
+    devices: Sequence | None = None,
 ) -> tuple[dict, dict, dict]:
     """Learn L0 gates and weights of a double-width network for ``num_steps`` steps of
     ``batch_size`` with optimizer ``tx`` (over ``{'model', 'gates'}``, e.g. :func:`gate_tx`)
@@ -136,6 +137,9 @@ def gate_stage(
     gates) and ``big_student_after_gates``; ``gate_binariness`` (pooled and ``_per_group``);
     ``gate_history`` (mean P[g > 0] per group and lambda every ``record_every`` steps,
     default 1/5 epoch); ``gate_log`` (the training metrics); ``steps``; ``timing_s``.
+    ``devices`` (several): each batch split over them with BatchNorm synchronised (``fit``'s);
+    each device draws its examples' gate samples from its own key (the same distribution as one
+    device, not the same samples).
     """
     t0 = time.perf_counter()
     spec = unit_spec(big_model, big_vars)
@@ -150,7 +154,8 @@ def gate_stage(
     fit_dir = _sub(workdir, "fit")
     state, log = fit(state, train, num_steps=num_steps, batch_size=batch_size, seed=seed_of(fit_key),
                      log_every=min(log_every, num_steps), workdir=fit_dir, checkpoint_every=checkpoint_every,
-                     callbacks=[history, *callbacks], loss_fn=GateLoss(lambda_fn), progress=progress, manifest=manifest)
+                     callbacks=[history, *callbacks], loss_fn=GateLoss(lambda_fn), progress=progress, manifest=manifest,
+                     devices=devices)
     summary["big_student_after_gates"] = evaluate(state, test, eval_batch_size)
     big_after, las = jax.device_get(split_params(state))
     summary.update(
