@@ -133,3 +133,26 @@ def test_local_sgd_two_processes(tmp_path):
     init = distributed.flat_params(state.params)
     assert max(np.abs(ref[k] - init[k]).max() for k in ref) > 1e-3  # training did move the weights
     assert not list(tmp_path.iterdir())  # launch removed its npz files
+
+
+def test_sync_bn_rebuilds_the_model_of_plain_and_gated_states_and_refuses_others():
+    """``sync_bn``: a ModelApply state and a gate-learning state (GatedApply) keep their apply_fn type,
+    spec and parameters, with the model's BatchNorm synchronised over ``data``; an apply_fn without a
+    model (a closure) is refused in one line naming the device count."""
+    from mergejax.core.errors import UserError
+    from mergejax.core.units import unit_spec
+    from mergejax.merging.gates import init_log_alpha
+    from mergejax.merging.train import GatedApply, create_gate_state
+
+    model = make_model("cnn", 10, width=0.25)
+    state = create_state(model, jax.random.key(0), (1, 8, 8, 1), optax.sgd(0.1))
+    synced = parallel.sync_bn(state, [None] * 2)
+    assert synced.apply_fn.model == model.clone(bn_axis_name=parallel.AXIS) and state.apply_fn.model.bn_axis_name is None
+    assert synced.params is state.params
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    spec = unit_spec(model, variables)
+    gated = create_gate_state(model, spec, variables, init_log_alpha(jax.random.key(1), spec, 3.0, 0.01), optax.sgd(0.1))
+    g = parallel.sync_bn(gated, [None] * 2).apply_fn
+    assert isinstance(g, GatedApply) and g.spec is spec and g.model.bn_axis_name == parallel.AXIS
+    with pytest.raises(UserError, match="cannot train on 3 devices; set devices=1"):
+        parallel.sync_bn(state.replace(apply_fn=lambda *a, **k: None), [None] * 3)
