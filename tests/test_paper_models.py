@@ -341,6 +341,7 @@ def test_fused_densenet_equals_one_conv_per_segment(name, kw, shape):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), st, whole_s)
 
 
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
 def test_fused_densenet_mixed_precision_matches_reference():
     """bf16 compute: the fused path casts like nn.BatchNorm / nn.Conv (fp32 moments, bf16 conv)."""
     model = make_model("densenet40", 10, depth=10, width=0.5, dtype=jnp.bfloat16, fused=True)

@@ -192,6 +192,7 @@ def _results(out):
         return json.load(f)
 
 
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
 def test_freezeout_paper_preset_end_to_end(mock_cifar):
     out = str(mock_cifar / "fo")
     argv = ["--preset", "paper", "--out", out, "--quiet", "--set", "train.model_kwargs.width=0.125", "--set", "train.steps=16",
