@@ -126,9 +126,15 @@ def make_fit_step(mesh: Mesh, axis: str = AXIS, *, loss_fn: Callable = softmax_l
     With a model built with ``bn_axis_name=axis`` the step equals one device's on the whole
     batch, augmentation included; states built from equal configs share one compile."""
     step = jax.jit(dp_train_step, donate_argnums=0, static_argnames=DP_STATIC)
-    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-    return placed_step(lambda state, batch, rng: step(state, batch, rng, mesh=mesh, axis=axis, loss_fn=loss_fn, frozen=frozen),
-                       replicated, (split, replicated))
+    return place_on(mesh, lambda state, batch, rng: step(state, batch, rng, mesh=mesh, axis=axis, loss_fn=loss_fn, frozen=frozen),
+                    axis)
+
+
+def place_on(mesh: Mesh, step: Callable, axis: str = AXIS) -> Callable:
+    """``step(state, batch, rng)`` with the batch split over ``axis`` of ``mesh`` and the rng and
+    state replicated (:func:`~mergejax.core.train.placed_step`)."""
+    replicated = NamedSharding(mesh, P())
+    return placed_step(step, replicated, (NamedSharding(mesh, P(axis)), replicated))
 
 
 def sync_bn(state, devices):

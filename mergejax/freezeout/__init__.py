@@ -56,7 +56,7 @@ from mergejax.core import data as data_lib
 from mergejax.core import trees
 from mergejax.core.loop import evaluate, fit, read_metrics
 from mergejax.core.optim import value_equal
-from mergejax.core.train import TrainState, create_state, model_apply_fn, placed_step, train_step
+from mergejax.core.train import TrainState, create_state, model_apply_fn, train_step
 
 Params = Any
 SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}
@@ -442,22 +442,24 @@ def train_and_evaluate(model: nn.Module, train: data_lib.Split, test: data_lib.S
     plan = make_plan(names, total_steps, lr=lr, t0=t0, spacing=spacing, scaled=scaled, max_stages=max_stages)
     tx = freezeout_tx(make_plan(names, total_steps, t0=1.0), base_tx)  # equal for every plan: one static value
 
-    mesh = place = None
+    mesh = None
     if devices is not None and len(devices) > 1:
         from mergejax.averaging import parallel
 
         mesh = parallel.data_mesh(devices)
-        replicated, split = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*a)) for a in ((), (parallel.AXIS,)))
-        place = functools.partial(placed_step, state_sharding=replicated, input_sharding=(split, replicated))
+
+    def placed(step):  # the staged steps with their inputs on the mesh (identity on one device)
+        return step if mesh is None else parallel.place_on(mesh, step)
 
     def fresh():
         state = create_state(model, jax.random.key(seed), (1, *train.images.shape[1:]), tx, augment_fn=augment_fn)
         state = state.replace(opt_state=with_plan(state.opt_state, plan))
-        return state if mesh is None else jax.device_put(parallel.sync_bn(state, devices), replicated)
+        return state if mesh is None else parallel.sync_bn(state, devices)
 
-    sample = next(data_lib.batches(train, batch_size, seed=seed, remainder=remainder))
-    sample, key = jax.device_put((sample, jax.random.key(0)), (split, replicated) if mesh is not None else None)
-    steps, costs = compile_stages(plan, fresh(), sample, key, cache, mesh)
+    sample = jax.device_put(next(data_lib.batches(train, batch_size, seed=seed, remainder=remainder)))
+    # compile each stage for the placement the steps will get: the placed wrapper's own arguments
+    args = placed(lambda *a: a)(fresh(), sample, jax.random.key(0))
+    steps, costs = compile_stages(plan, *args, cache, mesh)
     if progress:
         print(cost_report(plan, costs), flush=True)
     loop = dict(num_steps=total_steps, batch_size=batch_size, seed=seed, log_every=log_every, remainder=remainder,
@@ -465,7 +467,7 @@ def train_and_evaluate(model: nn.Module, train: data_lib.Split, test: data_lib.S
     timings = []
     for r in range(repeats):
         staged = staged_step_fn(plan, steps, mesh)
-        step, callback, record = _timed(staged if mesh is None else place(staged), total_steps)
+        step, callback, record = _timed(placed(staged), total_steps)
         kw = dict(workdir=workdir, checkpoint_every=checkpoint_every, manifest=manifest) if r == 0 else {}
         state, history = fit(fresh(), train, step_fn=step, callbacks=[callback], **loop, **kw)
         timings.append(record)
