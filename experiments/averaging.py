@@ -41,8 +41,9 @@ def _pick(config, *keys, **extra) -> dict:
 def _fit(out_dir, name, cfg, start, split, evals, *, steps, seed, config, progress, inputs=None) -> dict:
     """Unit ``name``: ``fit`` ``start()`` in ``<unit>/fit`` (checkpointed, resumed); returns ``{eval split: metrics}``."""
     def fn(workdir):
-        state, _ = fit(start(), split, num_steps=steps, batch_size=config.batch_size, seed=seed, progress=progress,
-                       manifest=cfg, workdir=os.path.join(workdir, "fit"), checkpoint_every=config.checkpoint_every)
+        state, _ = fit(start(), split, num_steps=steps, batch_size=config.batch_size, seed=seed, progress=progress,  # batch split
+                       manifest=cfg, workdir=os.path.join(workdir, "fit"), checkpoint_every=config.checkpoint_every,  # over devices
+                       devices=resolve_devices(config.devices, config.batch_size))
         return {k: evaluate(state, s) for k, s in evals.items()}
     return unit(out_dir, name, cfg, fn, inputs=inputs)
 

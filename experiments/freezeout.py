@@ -24,12 +24,11 @@ from mergejax import papers, report
 from mergejax.averaging.parallel import resolve_devices
 from mergejax.config import replace, to_dict
 from mergejax.core import data as data_lib
-from mergejax.core.models import make_model
 from mergejax.core.optim import make_optimizer
 from mergejax.experiment import config_file, experiment_main, unit
 from mergejax.freezeout import sweep
 from mergejax.papers import freezeout as papers_freezeout
-from mergejax.run import compilation_cache_dir, num_steps
+from mergejax.run import compilation_cache_dir, model_of, num_steps
 
 NAME, ORDER = "freezeout", 30
 CONFIG = config_file(__file__)  # configs/freezeout.py
@@ -38,7 +37,7 @@ PRESETS, get_config, plan = CONFIG.PRESETS, CONFIG.get_config, CONFIG.plan
 
 def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) -> dict:
     tc0 = config.train
-    train, test = data_lib.load(tc0.dataset, "train"), data_lib.load(tc0.dataset, "test")
+    train, test = data_lib.load(tc0.dataset, tc0.train_split), data_lib.load(tc0.dataset, "test")
     evaluated_on = "test split"
     if config.validation:
         train, test = data_lib.holdout(train, config.validation, config.validation_seed)
@@ -75,7 +74,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) 
 
 def _sweep(config, net, tc, train, test, out_dir, progress) -> tuple[list[dict], int]:
     """Every timed training of one network: the sweep points between baseline timings."""
-    model = make_model(tc.model, train.num_classes, **to_dict(tc.model_kwargs))
+    model = model_of(tc, train.num_classes)
     total, _ = num_steps(tc, len(train))
     # unit rate: FreezeOut sets each layer's
     base = make_optimizer(tc.optimizer, 1.0, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)

@@ -29,7 +29,6 @@ from mergejax.averaging.weights import average
 from mergejax.cli.merge import stage_args
 from mergejax.config import replace, to_dict
 from mergejax.core import checkpoint, data as data_lib
-from mergejax.core.models import make_model
 from mergejax.core.rundir import fingerprint_path
 from mergejax.core.train import model_apply_fn
 from mergejax.core.units import unit_spec, variables_of
@@ -38,7 +37,7 @@ from mergejax.experiment import config_file, experiment_main, unit
 from mergejax.merging import report as merge_report
 from mergejax.merging.concat import concat
 from mergejax.merging.pipeline import compress_stage, double_width, evaluate_vars, gate_stage, seed_of
-from mergejax.run import seed_groups, setup, train_and_evaluate, train_and_evaluate_many
+from mergejax.run import model_of, seed_groups, setup, train_and_evaluate, train_and_evaluate_many
 
 NAME, ORDER = "merge_networks", 40
 CONFIG = config_file(__file__)  # configs/merge_networks.py
@@ -52,10 +51,10 @@ def run_seed(config, seed: int, train, test, out_dir: str, progress: bool) -> di
              "double_width_gates", "double_width_pruned")
     keys = dict(zip(names, jax.random.split(jax.random.key(seed), len(names))))
     ab_seeds = [seed_of(keys[n]) for n in AB]  # both teachers in one vmapped program when models_per_program allows
-    joint = len(seed_groups(config.teacher, ab_seeds, config.models_per_program)) == 1
+    joint = len(seed_groups(config.teacher, ab_seeds, config.models_per_program, pin=(os.path.join(out_dir, "groups.json"), f"seed{seed}"))) == 1
     path = lambda name, item="variables": os.path.join(out_dir, "units", f"seed{seed}",  # noqa: E731
                                                        *(("teachers",) if joint and name in AB else ()), name, item)
-    model = make_model(config.teacher.model, train.num_classes, **dict(config.teacher.model_kwargs))
+    model = model_of(config.teacher, train.num_classes)
     big, (gate_args, finetune_args), u = double_width(model), stage_args(config.merge, len(train)), {}
 
     def do(name, fn, cfg=None, after=()):  # one timed unit; ``after``: the units whose saved networks it reads
@@ -127,14 +126,14 @@ def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) 
     parts, plots, tables = {}, [], []
     for row, c in CONFIG.settings(config):
         row_dir = out_dir if row is None else os.path.join(out_dir, "rows", row)
-        train, test = data_lib.load(c.teacher.dataset, "train"), data_lib.load(c.teacher.dataset, "test")
+        train, test = data_lib.load(c.teacher.dataset, c.teacher.train_split), data_lib.load(c.teacher.dataset, "test")
         runs = [run_seed(c, s, train, test, row_dir, progress) for s in c.seeds]
         table, summary, binar = merge_report.table(c, runs, runs[0]["device_kind"])
         os.makedirs(row_dir, exist_ok=True)
         plots += merge_report.plots(row_dir, runs, c)
         tables.append(table if row is None else f"### {row}\n\n{table}")
         parts[row] = {"summary": summary, "gate_binariness": binar, "runs": runs, "device_kind": runs[0]["device_kind"]}
-    comparison = merge_report.paper_comparison(parts)
+    comparison = merge_report.paper_comparison(parts, config)
     table = "\n".join(tables) + "\n**Published numbers** (merging paper; " + (
         "ours: mean over seeds, test accuracy in %):\n\n" + papers.markdown(comparison))
     results = {"experiment": NAME, "config": to_dict(config), "paper_comparison": comparison,

@@ -119,7 +119,7 @@ def _dry_run(mods, args) -> int:
             continue
         print(f"== {mod.NAME} ({args.preset})", flush=True)
         totals.append(dry_run(mod, get_config(mod, args.preset), peak_tflops=args.device_peak_tflops,
-                              utilisation=args.utilisation, cache=flops_cache))
+                              utilisation=args.utilisation, cache=flops_cache, speed_table=args.speed_table))
     steps, flops, hours = (sum(t[k] for t in totals) for k in ("steps", "flops", "gpu_hours"))
     bf16 = sum(t.get("gpu_hours_bf16", 0.0) for t in totals)
     print(f"all experiments total: {sum(len(t['rows']) for t in totals)} run(s), {steps:,} steps, {flops:.3e} FLOPs, "

@@ -17,15 +17,14 @@ import time
 from mergejax import report
 from mergejax.averaging.parallel import resolve_devices
 from mergejax.config import to_dict
-from mergejax.core import checkpoint, data as data_lib, multi, optim as schedules
-from mergejax.core.models import make_model
+from mergejax.core import checkpoint, multi, optim as schedules
 from mergejax.core.train import model_apply_fn
-from mergejax.ensembles.comparison import GridCell, alpha0s, cell_table, grid, method_rows, report_cells
+from mergejax.ensembles.comparison import GridCell, alpha0s, cell_data, cell_table, grid, method_rows, report_cells
 from mergejax.ensembles.snapshot import curve_summary, ensemble_curve, final_snapshot, fit_with_snapshots
 from mergejax.ensembles.swa import (budget_step, equal_budget_plans, fge_cycle_steps, plan_state, swa_model,
                                     training_runs, weight_average_model)
 from mergejax.experiment import config_file, experiment_main, unit
-from mergejax.run import num_steps, seed_groups
+from mergejax.run import model_of, num_steps, seed_groups
 
 NAME, ORDER = "snapshot_ensemble", 20
 CONFIG = config_file(__file__)  # configs/snapshot_ensemble.py
@@ -36,9 +35,9 @@ def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, 
     (train, test), cfg, M, t0, units, finals, stored = data, cell.train, cell.M, time.perf_counter(), {}, {}, {}
     want, a0s = set(cell.methods), alpha0s(cell.methods)
     runs = training_runs(want, total, M, a0s)
-    models = {k: make_model(cfg.model, train.num_classes, **dict(cfg.model_kwargs), **kw) for k, kw in
+    models = {k: model_of(cfg, train.num_classes, **kw) for k, kw in
               (("", {}), ("dropout", {"dropout": config.dropout})) if k in ("", *runs)}
-    udir, shape = os.path.join(out_dir, "units", f"{cell.prefix}seed{seed}"), train.images.shape[1:]
+    udir, shape, gpath = os.path.join(out_dir, "units", f"{cell.prefix}seed{seed}"), train.images.shape[1:], os.path.join(out_dir, "groups.json")
     ucfg = lambda **deps: {"train": to_dict(cfg), "eval_batch_size": config.eval_batch_size, "seed": seed,  # noqa: E731
                            "num_snapshots": M, **deps}
 
@@ -65,7 +64,7 @@ def run_seed(config, cell: GridCell, data, out_dir: str, seed: int, total: int, 
 
     def members(base, js, seed_of, deps_of, plan_of, marks=None):  # base-<j>: vmapped groups of one schedule, or one by one
         same = len(js) > 1 and len({sched[plan_of(j)] for j in js}) == 1
-        for g in seed_groups(cfg, js, config.models_per_program) if same else [[j] for j in js]:
+        for g in seed_groups(cfg, js, config.models_per_program, pin=(gpath, f"{cell.prefix}seed{seed}/{base}")) if same else [[j] for j in js]:
             if len(g) == 1:
                 train_run(f"{base}-{g[0]}", seed_of(g[0]), deps_of(g[0]), plan_of(g[0]), marks=marks)
                 continue
@@ -138,8 +137,8 @@ def run_cell(config, cell: GridCell, data, out_dir: str, progress: bool) -> dict
 def run(config, out_dir: str, progress: bool = True) -> dict:
     loaded, done = {}, []
     for cell in grid(config):
-        ds = cell.train.dataset
-        data = loaded.setdefault(ds, tuple(data_lib.load(ds, split) for split in ("train", "test")))
+        key = (cell.train.dataset, cell.train.train_split)  # train: train_split less config.holdout (cell_data)
+        data = loaded.get(key) or loaded.setdefault(key, cell_data(config, cell))
         done.append(run_cell(config, cell, data, out_dir, progress))
     fields, table, plots = report_cells(config, done, out_dir)
     results = {"experiment": NAME, **fields}

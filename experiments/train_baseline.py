@@ -16,9 +16,10 @@ import sys
 
 import ml_collections
 
-from mergejax import report
+from mergejax import papers, report
 from mergejax.config import replace, to_dict
 from mergejax.experiment import config_file, experiment_main, unit
+from mergejax.papers import resnet as papers_resnet
 from mergejax.run import seed_groups, train_and_evaluate, train_and_evaluate_many
 
 NAME = "train_baseline"
@@ -41,7 +42,7 @@ def run_group(config: ml_collections.ConfigDict, group: list[int], out_dir: str,
 
 
 def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) -> dict:
-    groups = seed_groups(config.train, config.seeds, config.models_per_program)
+    groups = seed_groups(config.train, config.seeds, config.models_per_program, pin=(os.path.join(out_dir, "groups.json"), "seeds"))
     runs = [r for group in groups for r in run_group(config, group, out_dir, progress)]
     rows = [{k: r[k] for k in ("seed", "test_accuracy", "test_loss", "steps", "wall_time_s")} for r in runs]
     acc = report.mean_std([r["test_accuracy"] for r in runs])
@@ -55,8 +56,11 @@ def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) 
         curves[f"test loss (seed {r['seed']})"] = ([h["step"] for h in test], [h["loss"] for h in test])
     plot = report.plot_curves(os.path.join(out_dir, "curves.png"), curves, xlabel="step", ylabel="cross-entropy (nats)", logy=True,
                               title=f"{config.train.model} on {config.train.dataset}")
+    comparison = papers_resnet.compare(to_dict(config.train), runs)  # He et al. 2016, Table 6 (CIFAR-10 ResNets)
+    table += ("\n**Published numbers** (He et al. 2016, Table 6; ours: mean test error % over seeds):\n\n"
+              + papers.markdown(comparison))
     results = {"experiment": NAME, "config": to_dict(config), "test_accuracy": acc, "runs": runs,
-               "device_kind": runs[0]["device_kind"], "plots": [os.path.basename(plot)]}
+               "device_kind": runs[0]["device_kind"], "plots": [os.path.basename(plot)], "paper_comparison": comparison}
     report.write_outputs(out_dir, results, table)
     return {"results": results, "table": table, "plots": [plot]}
 

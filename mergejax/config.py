@@ -24,6 +24,7 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     """One supervised training run. Steps are optimizer steps (mini-batches)."""
     c = ml_collections.ConfigDict()
     c.dataset = "digits"
+    c.train_split = "train"  # split trained on: a name or a TFDS-style sum, e.g. "train+extra" (SVHN)
     c.model = "cnn"
     c.model_kwargs = ml_collections.ConfigDict()  # e.g. {"width": 2.0}; any keys the model takes
     c.batch_size = 64

@@ -32,6 +32,10 @@ DATASETS = {
     "svhn_cropped": DatasetShape((32, 32, 3), 10, 73_257),
     "tiny_imagenet": DatasetShape((64, 64, 3), 200, 100_000),
 }
+#: Sizes of the other splits (TFDS metadata; digits: the 360 left of 1,797), for split sums such as "train+extra".
+OTHER_SPLITS = {"digits": {"test": 360}, "mnist": {"test": 10_000}, "fashion_mnist": {"test": 10_000},
+                "cifar10": {"test": 10_000}, "cifar100": {"test": 10_000},
+                "svhn_cropped": {"test": 26_032, "extra": 531_131}, "tiny_imagenet": {"test": 10_000}}
 
 #: Peak dense throughput in TFLOP/s (vendor datasheets: NVIDIA H100 Tensor Core GPU datasheet,
 #: SXM5 column; NVIDIA A100 Tensor Core GPU datasheet, SXM column). Tensor-core figures are
@@ -116,19 +120,29 @@ def gpu_hours(total_flops: float, peak_flops: float, utilisation: float) -> floa
     return total_flops / (peak_flops * utilisation) / 3600.0
 
 
-def train_steps(train: Any) -> int:
-    """Optimizer steps of a :func:`mergejax.config.train_config` (``steps``, or ``epochs`` x
-    steps per epoch on the dataset's training size from :data:`DATASETS`), without loading it."""
+def num_examples(dataset: str, split: str = "train") -> int:
+    """Examples in ``split`` of ``dataset`` (a name, or a sum such as ``"train+extra"``: SVHN 604,388), without loading it."""
+    sizes = {"train": dataset_shape(dataset).num_train, **OTHER_SPLITS.get(dataset, {})}
+    parts = split.split("+")
+    if any(p not in sizes for p in parts) or len(set(parts)) < len(parts):
+        raise ValueError(f"dataset {dataset!r} has no split {split!r} for a cost estimate; known: {', '.join(sizes)}")
+    return sum(sizes[p] for p in parts)
+
+
+def train_steps(train: Any, holdout: int = 0) -> int:
+    """Optimizer steps of a :func:`mergejax.config.train_config` (``steps``, or ``epochs`` x steps
+    per epoch on its ``train_split`` less ``holdout`` examples, sizes from :func:`num_examples`), without loading it."""
     from mergejax.run import num_steps
 
-    return num_steps(train, dataset_shape(train.dataset).num_train)[0]
+    return num_steps(train, num_examples(train.dataset, train.get("train_split", "train")) - holdout)[0]
 
 
 def plan_row(name: str, train: Any, **extra: Any) -> dict:
     """The ``plan()`` row of one run of ``train`` (a train_config); ``extra`` overrides keys."""
     kwargs = train.model_kwargs.to_dict() if hasattr(train.model_kwargs, "to_dict") else dict(train.model_kwargs)
     row = {"name": name, "model": train.model, "model_kwargs": kwargs, "dataset": train.dataset,
-           "steps": train_steps(train), "batch_size": int(train.batch_size), "width_factor": 1.0}
+           "steps": train_steps(train), "batch_size": int(train.batch_size), "width_factor": 1.0,
+           "precision": train.get("precision", "fp32")}
     row.update(extra)
     return row
 
@@ -146,14 +160,23 @@ def check_row(row: Mapping, where: str) -> dict:
     width = float(row.get("width_factor", 1.0))
     if width <= 0:
         raise ValueError(f"{where}: plan row {row['name']!r} has width_factor={width}, expected > 0")
-    return {**row, "model_kwargs": dict(row["model_kwargs"]), "width_factor": width}
+    from mergejax.core.models import PRECISIONS
+
+    precision = row.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{where}: plan row {row['name']!r} has precision={precision!r}, expected one of {', '.join(PRECISIONS)}")
+    return {**row, "model_kwargs": dict(row["model_kwargs"]), "width_factor": width, "precision": precision}
 
 
 def row_flops(row: Mapping, cache: dict | None = None) -> float:
     """:func:`step_flops` of a checked plan row; ``width_factor`` multiplies the model's
     ``width`` kwarg (a run of a network that many times wider). ``cache`` (a dict the caller
     owns) keeps one count per distinct (model, kwargs, dataset, batch)."""
+    from mergejax.core.models import PRECISIONS
+
     kwargs = dict(row["model_kwargs"])
+    if PRECISIONS[row.get("precision", "fp32")] is not None:  # the step XLA compiles for a bf16 run
+        kwargs["dtype"] = PRECISIONS[row["precision"]]
     if row.get("width_factor", 1.0) != 1.0:
         kwargs["width"] = float(kwargs.get("width", 1.0)) * row["width_factor"]
     ds = dataset_shape(row["dataset"])
@@ -164,3 +187,42 @@ def row_flops(row: Mapping, cache: dict | None = None) -> float:
     if cache is not None:
         cache[key] = flops
     return flops
+
+
+def measured_rates(path: str) -> dict:
+    """Training-step throughput measured by ``benchmarks/speed.py`` (its ``speed_<device>.json``):
+    ``{"device": str, "rates": {(model, precision, batch): FLOP/s}}`` of its one-model mergejax rows
+    (XLA's FLOPs per step / the fastest round's seconds per step, on that device). A missing or
+    malformed file is one line naming it."""
+    import json
+
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        rows = [r for r in table["results"] if r.get("impl") == "mergejax" and r.get("n") == 1 and r.get("step_s")]
+        rates = {(r["model"], r["precision"], int(r["batch"])): float(r["flops"]) / float(r["step_s"]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read a measured speed table from {path}: {type(e).__name__}: {e} "
+                         "(expected benchmarks/speed.py's JSON output)") from None
+    if not rates:
+        raise ValueError(f"{path} holds no timed one-model mergejax row to take a rate from")
+    return {"device": str(table.get("device_kind") or table.get("device", "?")), "rates": rates}
+
+
+def row_rate(row: Mapping, peak_flops: float, utilisation: float, measured: Mapping | None = None) -> tuple[float, str]:
+    """``(FLOP/s, source)`` a checked plan row trains at: the measured rate of the same network
+    (default kwargs, width factor 1), precision and batch when ``measured`` (:func:`measured_rates`)
+    has one (source ``"measured"``; ``"measured (shortcut B)"`` for a ResNet with another ``shortcut``,
+    the timed one having the default projections), else ``utilisation`` x the peak for its precision: a bf16 row
+    at :func:`bf16_peak` of ``peak_flops`` (source ``"bf16 peak"``; the fp32 peak when the
+    device's bf16 peak is unknown), an fp32 row at ``peak_flops`` (source ``"peak"``)."""
+    key = (row["model"], row.get("precision", "fp32"), int(row["batch_size"]))
+    if measured and row.get("width_factor", 1.0) == 1.0 and key in measured["rates"]:
+        if not row["model_kwargs"]:
+            return measured["rates"][key], "measured"
+        if set(row["model_kwargs"]) == {"shortcut"}:  # the timed network has projection shortcuts: a few % of its FLOPs
+            return measured["rates"][key], "measured (shortcut B)"
+    if row.get("precision", "fp32") == "bf16":
+        bf16 = bf16_peak(peak_flops / 1e12)
+        return (bf16 * 1e12 if bf16 else peak_flops) * utilisation, "bf16 peak" if bf16 else "peak"
+    return peak_flops * utilisation, "peak"

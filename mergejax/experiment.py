@@ -120,6 +120,9 @@ def add_dry_run_arguments(p: argparse.ArgumentParser) -> None:
                         f"{cost.PEAK_TFLOPS[cost.DEFAULT_DEVICE]:g}; datasheet values: {devices})")
     p.add_argument("--utilisation", type=float, default=cost.DEFAULT_UTILISATION,
                    help=f"fraction of the peak a step sustains, for --dry-run (default {cost.DEFAULT_UTILISATION:g})")
+    p.add_argument("--speed-table", default=None, metavar="JSON",
+                   help="for --dry-run: benchmarks/speed.py's JSON (e.g. benchmarks/results/speed_<device>.json); runs of "
+                        "a network, precision and batch it timed are estimated at that measured rate, on that device")
 
 
 def device_label(peak_tflops: float) -> str:
@@ -136,47 +139,59 @@ def plan_rows(module: ModuleType, config: Any) -> list[dict]:
 
 
 def dry_run(module: ModuleType, config: Any, *, peak_tflops: float, utilisation: float, cache: dict | None = None,
-            echo: Callable[[str], None] = print) -> dict:
+            echo: Callable[[str], None] = print, speed_table: str | None = None) -> dict:
     """Print ``module``'s planned runs and their cost; train nothing, write nothing.
 
-    Returns ``{'rows': [... with 'flops_per_step', 'total_flops'], 'steps', 'flops', 'gpu_hours'}``.
-    ``cache`` (a dict the caller keeps across experiments) holds one FLOP count per distinct
-    (model, kwargs, dataset, batch).
+    Each run is estimated at its own rate (:func:`mergejax.cost.row_rate`): a run of a network,
+    precision and batch that ``speed_table`` (``benchmarks/speed.py``'s JSON) timed at its measured
+    FLOP/s; otherwise ``utilisation`` x the peak of its precision (``precision=bf16`` runs at the
+    device's bf16 tensor-core peak). Returns ``{'rows': [... with 'flops_per_step', 'total_flops',
+    'hours', 'rate_source'], 'steps', 'flops', 'gpu_hours'}`` (+ ``'gpu_hours_bf16'``: every run
+    at the bf16 peak, when the device has one). ``cache`` (a dict the caller keeps across
+    experiments) holds one FLOP count per distinct (model, kwargs, precision, dataset, batch).
     """
     cost.gpu_hours(0.0, peak_tflops * 1e12, utilisation)  # refuse a bad peak or utilisation before tracing anything
+    measured = cost.measured_rates(speed_table) if speed_table else None
     cache = {} if cache is None else cache
     rows = []
     for r in plan_rows(module, config):
         per_step = cost.row_flops(r, cache)
-        rows.append({**r, "flops_per_step": per_step, "total_flops": per_step * r["steps"]})
-    steps, flops = sum(r["steps"] for r in rows), sum(r["total_flops"] for r in rows)
-    hours = cost.gpu_hours(flops, peak_tflops * 1e12, utilisation)
+        rate, source = cost.row_rate(r, peak_tflops * 1e12, utilisation, measured)
+        rows.append({**r, "flops_per_step": per_step, "total_flops": per_step * r["steps"],
+                     "hours": per_step * r["steps"] / rate / 3600.0, "rate_source": source})
+    steps, flops, hours = (sum(r[k] for r in rows) for k in ("steps", "total_flops", "hours"))
     echo(format_plan(module.NAME, rows))
-    echo(f"{module.NAME} total: {len(rows)} run(s), {steps:,} steps, {flops:.3e} FLOPs, "
-         f"{hours:.4g} GPU-hours at {device_label(peak_tflops)} x {utilisation:g} utilisation")
-    out = {"rows": rows, "steps": steps, "flops": flops, "gpu_hours": hours}
+    sources = {k: sum(r["rate_source"].startswith(k) for r in rows) for k in ("peak", "bf16 peak", "measured")}
     bf16 = cost.bf16_peak(peak_tflops)
+    how = "; ".join(([f"{sources['bf16 peak']} precision=bf16 run(s) at {device_label(bf16)}"] if sources["bf16 peak"] else [])
+                    + ([f"{sources['measured']} run(s) at the rate measured on {measured['device']} ({speed_table}): "
+                        "their hours are on that device"] if sources["measured"] else []))
+    echo(f"{module.NAME} total: {len(rows)} run(s), {steps:,} steps, {flops:.3e} FLOPs, "
+         f"{hours:.4g} GPU-hours at {device_label(peak_tflops)} x {utilisation:g} utilisation" + (f" ({how})" if how else ""))
+    out = {"rows": rows, "steps": steps, "flops": flops, "gpu_hours": hours}
     if bf16:
         out["gpu_hours_bf16"] = cost.gpu_hours(flops, bf16 * 1e12, utilisation)
         echo(f"{module.NAME} with precision=bf16: {out['gpu_hours_bf16']:.4g} GPU-hours at {device_label(bf16)} x "
              f"{utilisation:g} (the same FLOPs on tensor cores: a lower bound, small CIFAR convnets are memory-bound far "
-             f"below that peak; vmapped seeds and several devices change the utilisation, measured in benchmarks/results/speed_*)")
+             f"below that peak; vmapped seeds and several devices change the utilisation: time them with "
+             f"benchmarks/speed.py and pass its JSON as --speed-table)")
     return out
 
 
 def format_plan(name: str, rows: Sequence[Mapping]) -> str:
     """The dry-run table: one line per planned run."""
-    head = ("run", "model", "dataset", "steps", "batch", "FLOPs/step", "total FLOPs")
+    head = ("run", "model", "dataset", "steps", "batch", "FLOPs/step", "total FLOPs", "hours", "rate")
     body = [(f"{name}/{r['name']}", _model_label(r), r["dataset"], f"{r['steps']:,}", str(r["batch_size"]),
-             f"{r['flops_per_step']:.3e}", f"{r['total_flops']:.3e}") for r in rows]
+             f"{r['flops_per_step']:.3e}", f"{r['total_flops']:.3e}", f"{r['hours']:.3g}", r["rate_source"]) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) if i < 3 or i == 8 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(head), *(line(b) for b in body)])
 
 
 def _model_label(row: Mapping) -> str:
     kw = ",".join(f"{k}={v}" for k, v in sorted(row["model_kwargs"].items()))
     wf = f" x{row['width_factor']:g} wide" if row.get("width_factor", 1.0) != 1.0 else ""
+    wf += f" {row['precision']}" if row.get("precision", "fp32") != "fp32" else ""
     return f"{row['model']}({kw}){wf}" if kw else f"{row['model']}{wf}"
 
 
@@ -202,7 +217,8 @@ def experiment_main(argv: Sequence[str] | None, module: ModuleType) -> int:
             return 0
         quiet_libraries()
         if args.dry_run:  # before anything that creates out_dir or the compilation cache
-            dry_run(module, config, peak_tflops=args.device_peak_tflops, utilisation=args.utilisation)
+            dry_run(module, config, peak_tflops=args.device_peak_tflops, utilisation=args.utilisation,
+                    speed_table=args.speed_table)
             print(f"dry run: nothing trained, nothing written to {out_dir}")
             return 0
         enable_compilation_cache()

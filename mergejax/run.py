@@ -13,7 +13,7 @@ import ml_collections
 from mergejax.averaging import parallel
 from mergejax.config import to_dict
 from mergejax.core import data as data_lib
-from mergejax.core import multi
+from mergejax.core import multi, rundir
 from mergejax.core.loop import evaluate, fit, read_metrics
 from mergejax.core.models import make_model, precision_dtype
 from mergejax.core.optim import make_optimizer, make_schedule
@@ -72,20 +72,29 @@ def num_steps(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, i
     return total, per_epoch
 
 
+def model_of(config: ml_collections.ConfigDict, num_classes: int, **kwargs) -> object:
+    """The model a train config trains: ``config.model`` with ``config.model_kwargs`` (``kwargs``
+    added) and the compute dtype of ``config.precision`` ("fp32": float32, the default; "bf16":
+    bfloat16 compute with float32 parameters). Every training path builds its model here, so a
+    precision set in the config is never silently dropped."""
+    model_kwargs = {**to_dict(config.model_kwargs), **kwargs}
+    dtype = precision_dtype(config.get("precision", "fp32"))
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    return make_model(config.model, num_classes, **model_kwargs)
+
+
 def setup(config: ml_collections.ConfigDict, *, train: data_lib.Split | None = None, test: data_lib.Split | None = None, seed: int | None = None) -> Setup:
-    """Load data (unless given), build model, schedule, optimizer and the initial state.
+    """Load data (unless given; ``config.train_split`` and test), build model, schedule, optimizer and the initial state.
 
     ``seed`` overrides ``config.seed`` for the initialisation (the data order uses
     ``config.seed`` in :func:`fit`). ``config.precision`` ("fp32" | "bf16") sets the model's
     compute dtype; an unknown one is refused before any data is loaded.
     """
-    dtype = precision_dtype(config.get("precision", "fp32"))
-    train = train if train is not None else data_lib.load(config.dataset, "train")
+    precision_dtype(config.get("precision", "fp32"))  # refuse an unknown precision before loading data
+    train = train if train is not None else data_lib.load(config.dataset, config.get("train_split", "train"))
     test = test if test is not None else data_lib.load(config.dataset, "test")
-    model_kwargs = to_dict(config.model_kwargs)
-    if dtype is not None:
-        model_kwargs["dtype"] = dtype
-    model = make_model(config.model, train.num_classes, **model_kwargs)
+    model = model_of(config, train.num_classes)
     total, per_epoch = num_steps(config, len(train))
     lr_fn = make_schedule(
         config.schedule, config.lr, total, warmup_steps=config.warmup_steps,
@@ -200,14 +209,30 @@ def train_and_evaluate_many(config: ml_collections.ConfigDict, seeds, workdir: s
     return states, summaries
 
 
-def seed_groups(config: ml_collections.ConfigDict, seeds, models_per_program: int = 0) -> list[list[int]]:
+def seed_groups(config: ml_collections.ConfigDict, seeds, models_per_program: int = 0, *,
+                pin: tuple[str, str] | None = None) -> list[list[int]]:
     """``seeds`` cut into groups trained together by :func:`train_and_evaluate_many` (a group of
     one: :func:`train_and_evaluate`). ``models_per_program``: seeds per group; 0 = auto
     (:func:`mergejax.core.multi.models_per_program`: 1 on CPU, on an accelerator as many as fit
-    in its free memory at the measured bytes of ``config``'s step)."""
+    in its free memory at the measured bytes of ``config``'s step).
+
+    ``pin=(json_path, key)``: an auto choice is recorded under ``key`` in ``json_path`` the first
+    time and read back afterwards, so a resumed run keeps its groups (and the unit names built
+    from them) whatever memory is free now; a record for other seeds is refused in one line.
+    """
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct ints, at least one, e.g. seeds=(0,1,2), got {tuple(seeds)}")
     seeds = list(seeds)
+    if pin is not None and not models_per_program:
+        path, key = pin
+        pinned = rundir.read_json(path) if os.path.exists(path) else {}
+        if key not in pinned:
+            pinned[key] = seed_groups(config, seeds)
+            rundir.write_json(path, pinned)
+        if sorted(s for g in pinned[key] for s in g) != sorted(seeds):
+            raise ValueError(f"{path} pins the model groups {pinned[key]} for {key!r}, not seeds {seeds}: "
+                             "the directory holds another run (use another output directory or --overwrite)")
+        return [list(g) for g in pinned[key]]
 
     def bytes_per_model():  # only asked on an accelerator with memory statistics
         s = setup(config)

@@ -103,7 +103,7 @@ def test_list_config_prints_every_key_and_survives_a_closed_pipe():
     exe = Path(sys.executable).parent / "mergejax"
     full = subprocess.run([str(exe), "train", "--list-config", "--set", "lr=0.3"], capture_output=True, text=True, timeout=120)
     assert full.returncode == 0, full.stderr
-    assert "lr                 = 0.3  (float)" in full.stdout and len(full.stdout.splitlines()) == 27
+    assert "lr                 = 0.3  (float)" in full.stdout and len(full.stdout.splitlines()) == 28
     # `| head -0`: the reader is gone before anything is written; no traceback, status 0 (as Unix tools do)
     proc = subprocess.Popen([str(exe), "train", "--list-config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()

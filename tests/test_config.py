@@ -94,13 +94,19 @@ def test_train_config_refuses_unknown_keys():
         train_config(learning_rate=0.1)
 
 
+def test_train_split_is_a_name_or_a_tfds_style_sum():
+    assert train_config().train_split == "train"
+    assert train_config(train_split="train+extra").train_split == "train+extra"
+    assert override(train_config(), ["train_split=train+extra"]).train_split == "train+extra"  # typed bare on a command line
+
+
 def test_describe_lists_every_key_with_value_and_type():
     rows = {k: (v, t) for k, v, t in describe(outer())}
     assert rows["train.lr"] == (0.1, "float") and rows["train.batch_size"] == (64, "int")
     assert rows["train.augment"] == (False, "bool") and rows["seeds"] == ((0,), "tuple")
     assert rows["note"] == (None, "str")  # a placeholder keeps its type
     assert rows["train.model_kwargs"] == ({}, "dict")
-    assert len(rows) == 25 + 2  # every train key (model_kwargs empty; precision, devices included) + seeds + note
+    assert len(rows) == 26 + 2  # every train key (model_kwargs empty; precision, devices, train_split included) + seeds + note
     text = format_config(outer())
     assert "train.lr               = 0.1  (float)" in text
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -261,3 +262,32 @@ def test_tfds_path_with_mock_data(tmp_path, monkeypatch, name, split, shape, num
     edited = data.load(name, split, data_dir=str(tmp_path), download=False)
     np.testing.assert_allclose(edited.images[0, 0, 0], (1.0 - np.asarray(mean)) / np.asarray(std), rtol=1e-6)
     np.testing.assert_array_equal(edited.labels, (labels + 1) % num_classes)
+
+
+def test_split_sum_is_the_concatenation_of_the_cached_splits(tmp_path):
+    # fake uint8 caches of two SVHN splits: load("train+extra") reads both and normalises with the training statistics
+    rng = np.random.default_rng(0)
+    raw = {s: (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32))
+           for s, n in (("train", 5), ("extra", 3))}
+    for s, (images, labels) in raw.items():
+        os.makedirs(os.path.dirname(data.npz_path("svhn_cropped", s, str(tmp_path))), exist_ok=True)
+        np.savez(data.npz_path("svhn_cropped", s, str(tmp_path)), images=images, labels=labels)
+    both = data.load("svhn_cropped", "train+extra", data_dir=str(tmp_path), download=False)
+    mean, std = np.asarray((0.4377, 0.4438, 0.4728)), np.asarray((0.1980, 0.2010, 0.1970))
+    expected = (np.concatenate([raw["train"][0], raw["extra"][0]]) / 255.0 - mean) / std
+    np.testing.assert_allclose(both.images, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(both.labels, np.concatenate([raw["train"][1], raw["extra"][1]]))
+    assert both.name == "svhn_cropped" and both.num_classes == 10 and both.images.dtype == np.float32
+    for bad in ("train+valid", "train+train"):
+        with pytest.raises(ValueError, match=rf"no split '{re.escape(bad)}'; available: train, test, extra \(or a sum"):
+            data.load("svhn_cropped", bad, data_dir=str(tmp_path), download=False)
+
+
+def test_split_sizes_for_the_dry_run():
+    from mergejax import cost
+
+    # TFDS svhn_cropped metadata: train 73,257, test 26,032, extra 531,131
+    assert cost.num_examples("svhn_cropped", "train+extra") == 73_257 + 531_131 == 604_388
+    assert cost.num_examples("svhn_cropped", "test") == 26_032 and cost.num_examples("cifar10") == 50_000
+    with pytest.raises(ValueError, match="dataset 'cifar10' has no split 'train\\+extra' for a cost estimate; known: train, test"):
+        cost.num_examples("cifar10", "train+extra")

@@ -351,3 +351,44 @@ def test_gate_stage_on_four_devices_equals_one(run_python):
     assert r["calls"] == [4] and r["moved"] > 1e-2, r  # the 4-device run went through the data-parallel step; training moved
     assert r["gap"] <= 1e-5, r
     np.testing.assert_allclose(r["loss"][1], r["loss"][0], rtol=1e-5)
+
+
+_AVERAGING = """
+import json, sys
+sys.path.insert(0, "tests")
+from conftest import load_experiment
+import mergejax.averaging.parallel as par
+from mergejax.config import override
+from mergejax.experiment import run_experiment
+
+calls = []  # spy: the device count of every data-parallel fit
+orig = par.data_parallel
+par.data_parallel = lambda state, devices, **k: calls.append(len(devices)) or orig(state, devices, **k)
+root, mod = sys.argv[1], load_experiment("averaging")
+out = {}
+for d in (1, 0):
+    res = run_experiment(mod, override(mod.get_config("smoke"), [f"devices={d}", "two_process=False", "models_per_program=1"]),
+                         f"{root}/d{d}", progress=False)["results"]
+    out[d] = {"soups": res["soups"], "interpolation": [{k: v for k, v in r.items() if k != "match_time_s"}
+                                                      for r in res["interpolation"]], "calls": list(calls)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
+def test_averaging_experiment_on_four_devices_equals_one(run_python, tmp_path):
+    """experiments/averaging.py's single-network fits (the interpolation pair, the soup's pretrain and
+    fine-tunes) split each batch over ``devices``: on 4 simulated devices the soups and both interpolation
+    paths equal ``devices=1`` (MLPs, no BatchNorm: the same sums in another order)."""
+    proc = run_python(f"import sys; sys.argv = ['x', {str(tmp_path)!r}]\n" + _AVERAGING, env=_env(4), timeout=600)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, four = out["1"], out["0"]
+    assert one["calls"] == [] and len(four["calls"]) >= 4 and set(four["calls"]) == {4}, four["calls"]  # pair, pretrain, fine-tunes
+
+    def numbers(x):
+        return [v for k in sorted(x) for v in numbers(x[k])] if isinstance(x, dict) else \
+            [v for y in x for v in numbers(y)] if isinstance(x, list) else [float(x)]
+    for key in ("soups", "interpolation"):
+        a, b = numbers(one[key]), numbers(four[key])
+        assert len(a) == len(b) > 10, key
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=key)  # accuracies: whole images of 360

@@ -108,14 +108,13 @@ EXPERIMENTS = {m.NAME: m for m in _experiments()}
 
 # paper: XLA traces ResNet-110/DenseNet-100 steps for FLOPs (no compile); DenseNet-100 takes ~1 min a shape on a
 # loaded 2-core CPU and the snapshot paper plan has 4 such shapes, so the paper dry runs are in the slow set.
-@pytest.mark.parametrize("preset", ["smoke", pytest.param("paper", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+@pytest.mark.parametrize("name, preset", [
+    pytest.param(n, p, marks=() if p == "smoke" else pytest.mark.slow)  # every preset of every experiment (FreezeOut's
+    for n in sorted(EXPERIMENTS) for p in EXPERIMENTS[n].PRESETS])     # paper_resnet, paper_vgg too); smoke by default
 def test_dry_run_of_every_experiment(name, preset, tmp_path, capsys):
     mod = EXPERIMENTS[name]
     if not callable(getattr(mod, "plan", None)):
         pytest.skip(f"experiments/{name}.py has no plan(config) yet (issue 13: every experiment must define one)")
-    if preset not in mod.PRESETS:
-        pytest.skip(f"{name} has no {preset!r} preset")
     out = tmp_path / "out"
     rc = mod.main(["--preset", preset, "--dry-run", "--out", str(out), "--quiet"])
     text = capsys.readouterr().out
@@ -156,3 +155,40 @@ def test_dry_run_without_plan_and_bad_utilisation_are_one_line(tmp_path, capsys)
     assert experiment_main(["--dry-run", "--utilisation", "1.5", "--out", str(tmp_path / "o")], mod) == 2
     assert "utilisation must be in (0, 1], got 1.5" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_each_run_at_its_precisions_peak_or_its_measured_rate(tmp_path, monkeypatch):
+    """A bf16 run is estimated at the device's bf16 peak, a run that benchmarks/speed.py timed (same
+    network, precision, batch) at its measured FLOP/s, the others at utilisation x the fp32 peak."""
+    import json
+
+    monkeypatch.setattr(cost, "step_flops", lambda name, kw, shape, classes, batch: 1e12 * batch * (2 if "dtype" in kw else 1))
+    table = tmp_path / "speed.json"
+    table.write_text(json.dumps({"device_kind": "NVIDIA H200", "results": [
+        {"impl": "mergejax", "model": "resnet20", "precision": "fp32", "n": 1, "batch": 128, "flops": 3e10, "step_s": 0.01},
+        {"impl": "mergejax", "model": "resnet20", "precision": "fp32", "n": 4, "batch": 128, "flops": 12e10, "step_s": 0.02},
+        {"impl": "PyTorch", "model": "resnet20", "precision": "fp32", "n": 1, "batch": 64, "flops": 3e10, "step_s": 0.001}]}))
+    plan = [cost.plan_row("timed", train_config(model="resnet20", dataset="cifar10", batch_size=128, steps=100)),
+            cost.plan_row("batch64", train_config(model="resnet20", dataset="cifar10", batch_size=64, steps=100)),
+            cost.plan_row("wide", train_config(model="resnet20", dataset="cifar10", batch_size=128, steps=100), width_factor=2.0),
+            cost.plan_row("option_a", train_config(model="resnet20", model_kwargs={"shortcut": "A"}, dataset="cifar10",
+                                                   batch_size=128, steps=100)),
+            cost.plan_row("bf16", train_config(model="resnet20", dataset="cifar10", batch_size=128, steps=100, precision="bf16"))]
+    mod = types.SimpleNamespace(NAME="demo", plan=lambda config: plan)
+    lines = []
+    out = dry_run(mod, None, peak_tflops=67.0, utilisation=0.25, echo=lines.append, speed_table=str(table))
+    hours = {r["name"]: (r["hours"], r["rate_source"]) for r in out["rows"]}
+    f128, f64 = 128e12, 64e12  # FLOPs per step of the fake count above
+    assert hours["timed"] == pytest.approx((100 * f128 / 3e12 / 3600, "measured"))  # 3e10 FLOPs / 0.01 s
+    assert hours["batch64"] == pytest.approx((100 * f64 / (67e12 * 0.25) / 3600, "peak"))  # PyTorch rows are not ours
+    assert hours["wide"] == pytest.approx((100 * f128 / (67e12 * 0.25) / 3600, "peak"))  # another network
+    assert hours["option_a"] == pytest.approx((100 * f128 / 3e12 / 3600, "measured (shortcut B)"))  # timed with projections
+    assert hours["bf16"] == pytest.approx((100 * 2 * f128 / (989.4e12 * 0.25) / 3600, "bf16 peak"))
+    assert out["gpu_hours"] == pytest.approx(sum(h for h, _ in hours.values()))
+    assert "resnet20 bf16" in lines[0] and "1 precision=bf16 run(s) at 989.4 TFLOP/s (H100 SXM bf16)" in lines[1]
+    assert "2 run(s) at the rate measured on NVIDIA H200" in lines[1]
+    table.write_text("{}")
+    with pytest.raises(ValueError, match=r"cannot read a measured speed table from .*speed.json: KeyError"):
+        dry_run(mod, None, peak_tflops=67.0, utilisation=0.25, echo=lines.append, speed_table=str(table))
+    with pytest.raises(ValueError, match="has precision='fp16', expected one of fp32, bf16"):
+        cost.check_row({**plan[0], "precision": "fp16"}, "demo.plan")

@@ -59,6 +59,8 @@ def test_baseline_results(smoke_run):
     assert run["steps"] == 20 and 0.0 <= run["test_accuracy"] <= 1.0
     assert r["test_accuracy"]["mean"] == pytest.approx(run["test_accuracy"])
     assert [h["step"] for h in run["history"] if h["split"] == "train"] == [10, 20]
+    # a CNN on digits is no cell of He et al.'s Table 6: every published cell listed as not run
+    assert r["paper_comparison"]["rows"] == [] and len(r["paper_comparison"]["not_run"]) == 7
 
 
 def test_averaging_k1_local_sgd_is_gradient_averaging(smoke_run):

@@ -67,5 +67,7 @@ def test_folding_is_needed_and_ranking_uses_log_alpha():
     z = np.asarray(deterministic(la["dense1"]))[[0, 1, 2]]
     np.testing.assert_allclose(student["params"]["head"]["dense"]["kernel"],
                                np.asarray(p["head"]["dense"]["kernel"])[[0, 1, 2]] * z[:, None], rtol=1e-6)
+    unfolded, _ = compress(v, la, spec, fold=False)  # the authors' notebook: the kept weights as they are
+    np.testing.assert_array_equal(unfolded["params"]["head"]["dense"]["kernel"], np.asarray(p["head"]["dense"]["kernel"])[[0, 1, 2]])
     with pytest.raises(ValueError, match="dense1"):
         compress(v, {"dense0": la["dense0"]}, spec)

@@ -9,7 +9,7 @@ from mergejax.cli.merge import get_config, stage_args
 from mergejax.config import replace
 from mergejax.core import data as data_lib
 from mergejax.merging.concat import concat
-from mergejax.merging.pipeline import compress_stage, double_width, evaluate_vars, gate_stage, merge
+from mergejax.merging.pipeline import compress_stage, double_width, evaluate_sampled_gates, evaluate_vars, gate_stage, merge
 from mergejax.core.models import init_variables, make_model
 from mergejax.core.loop import evaluate
 from mergejax.core.optim import make_optimizer
@@ -54,7 +54,7 @@ def _no_time(log):
 def test_interrupted_gate_stage_resumes_to_the_same_summary(tmp_path, data):
     train, test = data  # 4 steps per epoch: 8 gate steps, checkpoints every 2
     gate, _ = stage_args(replace(CFG, checkpoint_every=2), len(train))
-    kw = dict(key=jax.random.key(3), progress=False, record_every=1, **gate)
+    kw = dict(key=jax.random.key(3), progress=False, record_every=1, **{**gate, "sampled_eval_log_alpha": 1.0})
     ref_vars, ref_las, ref = gate_stage(double_width(MODEL), _big(), train, test, workdir=str(tmp_path / "a"), **kw)
 
     with pytest.raises(Interrupt):  # killed after step 5, whose gates were recorded; last checkpoint: step 4
@@ -67,7 +67,8 @@ def test_interrupted_gate_stage_resumes_to_the_same_summary(tmp_path, data):
     assert got["gate_history"] == ref["gate_history"]
     assert got["gate_history"]["step"] == list(range(9))
     assert _no_time(got["gate_log"]) == _no_time(ref["gate_log"]) and [r["step"] for r in got["gate_log"]] == list(range(1, 9))
-    for k in ("big_start", "big_student_step0", "big_student_after_gates", "gate_binariness", "gate_binariness_per_group", "steps"):
+    for k in ("big_start", "big_student_step0", "big_student_step0_sampled", "big_student_after_gates", "gate_binariness",
+              "gate_binariness_per_group", "steps"):
         assert got[k] == ref[k], k
     jax.tree.map(np.testing.assert_array_equal, (out_vars, las), (ref_vars, ref_las))
 
@@ -85,6 +86,22 @@ def test_stages_compose_into_merge(data):
     assert summary["after_finetune"] == s2["after_finetune"] and summary["gate_history"] == s1["gate_history"]
     assert summary["steps"] == {"gates": 8, "per_epoch": 4, "finetune": 4}
     assert set(summary["kept_from_teacher_a"]) == {"dense0"}
+    assert 0.0 <= summary["after_compression_unfolded"]["accuracy"] <= 1.0
+    assert "big_student_step0_sampled" not in summary  # measured only when asked (sampled_eval_log_alpha, the VGG-11 row)
+
+
+def test_sampled_gate_evaluation_at_the_extremes(data):
+    """The authors' evaluation (random gates): gates that are always open give the plain big student, gates that
+    are always shut leave the head's bias alone, so every example gets the class of its largest entry."""
+    _, test = data
+    big_model, big = double_width(MODEL), _big()
+    n = unit_spec(big_model, big).groups["dense0"]
+    is_open = evaluate_sampled_gates(big_model, big, {"dense0": np.full(n, 20.0)}, test, key=jax.random.key(0), batch_size=128)
+    assert is_open["accuracy"] == evaluate_vars(big_model, big, test, 128)["accuracy"]
+    assert is_open["loss"] == pytest.approx(evaluate_vars(big_model, big, test, 128)["loss"], rel=1e-6)
+    shut = evaluate_sampled_gates(big_model, big, {"dense0": np.full(n, -20.0)}, test, key=jax.random.key(0), batch_size=128)
+    bias = np.asarray(big["params"]["head"]["dense"]["bias"])
+    assert shut["accuracy"] == pytest.approx(float(np.mean(np.asarray(test.labels) == np.argmax(bias))), abs=1e-7)
 
 
 def test_evaluate_vars_agrees_with_evaluate_of_a_train_state(data):

@@ -15,6 +15,7 @@ import pytest
 from mergejax import cli
 from mergejax.config import replace, train_config
 from mergejax.core.errors import ConfigMismatch
+from mergejax.core.data import augment_cifar
 from mergejax.core.loop import fit, read_metrics
 from mergejax.core.models import make_model
 from mergejax.core.multi import (fit_many, models_per_program, read_many_metrics, stack_states, step_memory_bytes,
@@ -24,21 +25,22 @@ from mergejax.core.train import create_state
 from mergejax.run import setup, train_and_evaluate, train_and_evaluate_many
 
 
-def _state(model, seed, steps):
+def _state(model, seed, steps, augment=False):
     lr = make_schedule("cosine", 0.1, steps)
     tx = make_optimizer("sgd", lr, momentum=0.9, weight_decay=5e-4)
     return create_state(model, jax.random.key(100 + seed), (1, 8, 8, 1), tx, lr_fn=lr,
-                        augment_fn=None)
+                        augment_fn=augment_cifar if augment else None)
 
 
-@pytest.mark.parametrize("name,kw", [("mlp", {"hidden": (32,)}), ("cnn", {"width": 0.25})])
-def test_each_vmapped_model_equals_its_solo_fit(digits, name, kw):
+@pytest.mark.parametrize("name,kw,augment", [("mlp", {"hidden": (32,)}, False), ("cnn", {"width": 0.25}, False),
+                                             ("cnn", {"width": 0.25}, True)])  # augment: each model its own crops/flips
+def test_each_vmapped_model_equals_its_solo_fit(digits, name, kw, augment):
     train, _ = digits
     model, steps, seeds = make_model(name, 10, **kw), 12, (0, 1, 2)
-    together, hist = fit_many([_state(model, s, steps) for s in seeds], train, num_steps=steps, batch_size=32,
+    together, hist = fit_many([_state(model, s, steps, augment) for s in seeds], train, num_steps=steps, batch_size=32,
                               seeds=seeds, log_every=4, progress=False)
     for s, got, h in zip(seeds, together, hist):
-        solo, solo_hist = fit(_state(model, s, steps), train, num_steps=steps, batch_size=32, seed=s, log_every=4,
+        solo, solo_hist = fit(_state(model, s, steps, augment), train, num_steps=steps, batch_size=32, seed=s, log_every=4,
                               progress=False)
         for a, b in zip(jax.tree.leaves(got.arrays()), jax.tree.leaves(solo.arrays())):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
@@ -46,6 +48,22 @@ def test_each_vmapped_model_equals_its_solo_fit(digits, name, kw):
         np.testing.assert_allclose([r["loss"] for r in h], [r["loss"] for r in solo_hist], rtol=1e-4)
     # the models really are different (own init and data order), not N copies of one
     assert not np.allclose(together[0].params["head"]["dense"]["kernel"], together[1].params["head"]["dense"]["kernel"])
+
+
+def test_the_accelerator_prefetch_path_gives_the_same_models(digits, monkeypatch):
+    """On an accelerator ``fit`` and ``fit_many`` prefetch their (stacked) batches in a thread; the
+    models must be bit for bit those of the CPU path, which reads them inline."""
+    train, _ = digits
+    model, seeds = make_model("mlp", 10, hidden=(16,)), (0, 1)
+    runs = {}
+    for backend in ("cpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        many, _ = fit_many([_state(model, s, 6) for s in seeds], train, num_steps=6, batch_size=32, seeds=seeds,
+                           log_every=3, progress=False)
+        one, _ = fit(_state(model, 0, 6), train, num_steps=6, batch_size=32, seed=0, log_every=3, progress=False)
+        runs[backend] = [np.asarray(x) for x in jax.tree.leaves([m.arrays() for m in many] + [one.arrays()])]
+    for a, b in zip(runs["cpu"], runs["gpu"], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_stack_states_refuses_different_optimizers_and_shapes(digits):
@@ -174,6 +192,42 @@ def test_models_per_program_auto_is_one_on_cpu_and_fits_free_memory_on_an_accele
     assert models_per_program(0, 5, device=unknown, bytes_per_model=lambda: 1) == 5
     with pytest.raises(ValueError, match="models_per_program must be >= 0"):
         models_per_program(-1, 2, device=cpu)
+
+
+def test_seed_groups_on_an_accelerator_fit_the_measured_step_in_free_memory(monkeypatch):
+    """``seed_groups(..., 0)`` on an accelerator: as many seeds per program as fit in 80% of the free
+    memory at XLA's bytes for one model's step of this config (measured, not guessed)."""
+    from mergejax import run as run_lib
+    from mergejax.config import train_config
+
+    config = train_config(model="mlp", model_kwargs={"hidden": (32,)}, batch_size=16)
+    s = setup(config)
+    need = step_memory_bytes(s.state, s.train.images.shape[1:], config.batch_size, s.train.images.dtype)
+    assert need > 0
+    free = int(2.6 * need / 0.8)  # room for 2.6 models -> 2 per program
+    gpu = types.SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": free + 500, "bytes_in_use": 500})
+    monkeypatch.setattr(jax, "local_devices", lambda: [gpu])
+    assert run_lib.seed_groups(config, [0, 1, 2, 3, 4]) == [[0, 1], [2, 3], [4]]
+    assert run_lib.seed_groups(config, [0, 1, 2], 3) == [[0, 1, 2]]  # asked: no measurement
+
+
+def test_an_auto_group_size_is_pinned_so_a_resumed_run_keeps_its_units(tmp_path, monkeypatch):
+    """Free memory differs between a run and its resume; the groups (and so the unit names an
+    experiment builds from them) must not: the first auto choice is recorded and read back."""
+    from mergejax import run as run_lib
+    from mergejax.config import train_config
+
+    free = iter([2, 3])  # what auto would pick now: 2 models per program, then 3 after a restart
+    monkeypatch.setattr(run_lib.multi, "models_per_program", lambda requested, n, **kw: requested or next(free))
+    config, path = train_config(), str(tmp_path / "groups.json")
+    first = run_lib.seed_groups(config, [0, 1, 2, 3], pin=(path, "cell/seed0"))
+    assert first == [[0, 1], [2, 3]]
+    assert run_lib.seed_groups(config, [0, 1, 2, 3], pin=(path, "cell/seed0")) == first  # auto would now say 3
+    assert run_lib.seed_groups(config, [5, 6, 7], pin=(path, "other")) == [[5, 6, 7]]  # a new key: decided now
+    assert json.loads((tmp_path / "groups.json").read_text()) == {"cell/seed0": [[0, 1], [2, 3]], "other": [[5, 6, 7]]}
+    assert run_lib.seed_groups(config, [0, 1, 2, 3], 4, pin=(path, "cell/seed0")) == [[0, 1, 2, 3]]  # asked N: as asked
+    with pytest.raises(ValueError, match=r"pins the model groups \[\[0, 1\], \[2, 3\]\] for 'cell/seed0', not seeds \[0, 1, 2\]"):
+        run_lib.seed_groups(config, [0, 1, 2], pin=(path, "cell/seed0"))
 
 
 def test_step_memory_bytes_covers_the_state_and_the_batch():

@@ -139,6 +139,54 @@ def test_bad_densenet_depth_names_the_rule():
         make_model("densenet40", 10, depth=41).layer_names()
 
 
+# --- option-A (parameter-free) shortcuts: the snapshot paper's ResNet-110 and WRN-32-4 -------
+
+
+@pytest.mark.parametrize("name,count", [
+    # Exact option-A counts of the CIFAR ResNets (akamaster/pytorch_resnet_cifar10's 0.27M / 1.7M rows).
+    ("resnet20", 269_722), ("resnet110", 1_727_962),
+    # WRN-32-4 without its two projections (64*128 + 2*128) + (128*256 + 2*256) = 41,728.
+    ("wrn32_4", _resnet_count(32, 4) - 41_728),
+])
+def test_option_a_parameter_counts(name, count):
+    a, b = make_model(name, 10, shortcut="A"), make_model(name, 10)
+    params = _abstract_params(a)
+    assert count_params(params) == count
+    assert a.layer_names() == b.layer_names() and set(params) == set(a.layer_names())  # FreezeOut's layers unchanged
+    assert not [k for blk in params.values() for k in blk if k.startswith("proj")]
+
+
+def test_option_a_block_is_subsample_and_zero_pad():
+    from mergejax.core.models.resnet import BasicBlock
+
+    # conv path's last BN: scale 0, bias beta -> the block computes relu(shortcut(x) + beta)
+    x = np.random.default_rng(0).normal(size=(2, 7, 7, 3)).astype(np.float32)
+    block = BasicBlock(5, strides=2, shortcut="A")
+    v = jax.tree.map(lambda a: jnp.ones(a.shape) / 4, jax.eval_shape(block.init, jax.random.key(0), jnp.asarray(x)))
+    beta = np.random.default_rng(1).normal(size=5).astype(np.float32)
+    v["params"]["bn2"] = {"scale": jnp.zeros(5), "bias": jnp.asarray(beta)}
+    out = block.apply(v, jnp.asarray(x))
+    ref = np.concatenate([x[:, ::2, ::2], np.zeros((2, 4, 4, 2), np.float32)], axis=-1)  # fb.resnet.torch option A
+    np.testing.assert_allclose(np.asarray(out), np.maximum(ref + beta, 0.0), rtol=1e-6, atol=1e-6)
+    assert set(v["params"]) == {"conv1", "bn1", "conv2", "bn2"}
+
+
+def test_option_a_refusals_and_init():
+    model = make_model("resnet20", 10, shortcut="A", depth=8, width=0.25)
+    init = lambda k: init_variables(model, k, (1, 8, 8, 3))  # noqa: E731
+    assert [e for e in jax.make_jaxpr(init)(jax.random.key(0)).eqns if e.params.get("name") == "_init"]  # jitted, no table
+    params, stats = jax.eval_shape(init, jax.random.key(0))
+    assert count_params(params) == _resnet_count(8, 0.25) - (4 * 8 + 2 * 8) - (8 * 16 + 2 * 16)  # 4/8/16 channels
+    with pytest.raises(TypeError, match=r"shortcut='A' has no unit table.*shortcut='B' only"):
+        unit_spec(model, {"params": params, "batch_stats": stats})
+    with pytest.raises(ValueError, match=r"unknown ResNet shortcut 'C'; use 'A'"):
+        make_model("resnet20", 10, shortcut="C").layer_names()
+    from mergejax.core.models.resnet import BasicBlock
+
+    with pytest.raises(ValueError, match="shortcut 'A' zero-pads channels, so it cannot map 8 to 4 channels"):
+        jax.eval_shape(BasicBlock(4, shortcut="A").init, jax.random.key(0), jnp.zeros((1, 4, 4, 8)))
+
+
 # --- unit table -----------------------------------------------------------------------------
 
 
@@ -309,7 +357,9 @@ def test_dropout_needs_rng_and_leaves_init_and_eval_alone(name, kw, shape):
 # --- the fused DenseNet forward ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,kw,shape", [c for c in CASES if c[0] in ("densenet40", "densenet_bc76")], ids=["densenet40", "densenet_bc76"])
+@pytest.mark.parametrize("name,kw,shape", [
+    pytest.param(*c, marks=pytest.mark.slow if c[0] == "densenet40" else ())  # CI time: BC-76 (bottleneck + compression) by default
+    for c in CASES if c[0] in ("densenet40", "densenet_bc76")], ids=["densenet40", "densenet_bc76"])
 def test_fused_densenet_equals_one_conv_per_segment(name, kw, shape):
     """One BatchNorm and one conv over the concatenated segments (the default) against the
     reference path, one nn.BatchNorm and one nn.Conv per (layer, segment) summed: the same

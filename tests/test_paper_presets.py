@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -173,6 +174,41 @@ def test_freezeout_paper_comparison_mapping():
     assert got[("DenseNet", "C100/accuracy loss")] == pytest.approx(2.0)
     assert ("ResNet", "C100/best speedup") not in got  # d loses 1 point; the paper claims none
     assert not papers_freezeout.compare(runs, "cifar10", {})["rows"][2:]  # abstract cells are CIFAR-100 only
+    assert all(x["deviations"] == [] for x in cmp["rows"])  # the authors' networks: nothing flagged
+    narrow = papers_freezeout.compare(runs, "cifar100", {"densenet_bc76": {"width": 0.5}, "wrn40_4": {"depth": 40, "widen": 4}})
+    flagged = {(x["row"], x["column"]): x["deviations"] for x in narrow["rows"]}
+    assert flagged[("DenseNet-BC (L=76, k=12)", "cubic t0=0.8")] == ["model_kwargs={width=0.5} (paper {})"]
+    assert flagged[("DenseNet", "C100/best speedup")] == ["model_kwargs={width=0.5} (paper {})"]
+
+
+def test_merge_vgg11_comparison_says_where_protocol_and_setting_differ():
+    """Old runs (before the notebook's measurements) fall back to ours with a caveat beside the two cells; runs that
+    have them are compared the notebook's way; settings away from the notebook's are listed per cell."""
+    from mergejax.cli.merge import get_config as merge_config
+    from mergejax.merging import report as merge_report
+
+    base = {"big_step0_gated": 0.90, "big_after_gates": 0.89, "after_compression": 0.88, "merged": 0.91, "merged_best": 0.92,
+            "aligned_average": 0.80}
+    old = {x["column"]: x for x in merge_report.paper_comparison({"vgg11_c10": {"runs": [base]}})["rows"]}
+    assert old["C10/big student, gate stage start"]["ours"] == pytest.approx(90.0)
+    assert "protocol differs" in old["C10/big student, gate stage start"]["note"] and "random" in old["C10/big student, gate stage start"]["note"]
+    assert "protocol differs" in old["C10/after compression"]["note"] and "folds" in old["C10/after compression"]["note"]
+    assert old["C10/after fine-tuning"]["note"] == "" and "another method" in old["C10/OT fusion"]["note"]
+    assert all(x["deviations"] == [] for x in old.values())  # no config given: settings not compared
+    runs = [{**base, "big_step0_sampled": 0.80, "after_compression_unfolded": 0.70},
+            {**base, "big_step0_sampled": 0.82, "after_compression_unfolded": 0.72}]
+    group = ml_collections.ConfigDict({"teacher": {"model": "vgg11_nobn", "model_kwargs": {"width": 0.25}},
+                                       "merge": merge_config("paper_vgg11")})
+    comp = merge_report.paper_comparison({"vgg11_c10": {"runs": runs}}, ml_collections.ConfigDict({"vgg11_c10": group}))
+    new = {x["column"]: x for x in comp["rows"]}
+    assert new["C10/big student, gate stage start"]["ours"] == pytest.approx(81.0)
+    assert new["C10/after compression"]["ours"] == pytest.approx(71.0)
+    assert new["C10/big student, gate stage start"]["note"] == new["C10/after compression"]["note"] == ""
+    width = "model_kwargs={width=0.25} (paper {})"
+    assert new["C10/big student, gate stage start"]["deviations"] == [width]  # measured at the authors' log_alpha = 1
+    assert new["C10/big student, gate stage end"]["deviations"] == [width, "log_alpha_mean=3 (paper 1)"]
+    assert new["C10/after fine-tuning"]["deviations"] == [width, "log_alpha_mean=3 (paper 1)"]
+    assert "setup differs: model_kwargs={width=0.25} (paper {})" in papers.markdown(comp)
 
 
 # ------------------------------------------------------------------ end to end on mock CIFAR
@@ -245,5 +281,75 @@ def test_merge_paper_preset_both_rows_end_to_end(mock_cifar):
     assert by["C10/after fine-tuning"]["ours"] == pytest.approx(100 * vgg["merged"])
     assert by["C10/OT fusion"]["ours"] == pytest.approx(100 * vgg["aligned_average"])
     assert 0.0 <= by["C10/after fine-tuning (best epoch)"]["ours"] <= 100.0
+    # measured the notebook's way (random gates at log_alpha 1; gates not folded), so no protocol caveat
+    assert by["C10/big student, gate stage start"]["ours"] == pytest.approx(100 * vgg["big_step0_sampled"])
+    assert by["C10/after compression"]["ours"] == pytest.approx(100 * vgg["after_compression_unfolded"])
+    assert by["C10/big student, gate stage start"]["note"] == by["C10/after compression"]["note"] == ""
+    assert {"model_kwargs={width=0.25} (paper {})", "gate_epochs=0.5 (paper 100)", "batch_size=16 (paper 128)",
+            "finetune_epochs=0.5 (paper 100)"} <= set(by["C10/after fine-tuning"]["deviations"])
     assert r["config"]["vgg11_c10"]["merge"]["lambda_update_first"] is True
     assert (mock_cifar / "merge" / "rows" / "vgg11_c10" / "units").is_dir()
+
+
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
+def test_train_baseline_paper_preset_end_to_end(mock_cifar):
+    """He et al.'s ResNet-20 on (mock) CIFAR-10 with option-A shortcuts: its Table 6 row beside ours,
+    every setting we shrank named as a deviation and the shortcut not (it is the paper's)."""
+    tb, out = load_experiment("train_baseline"), str(mock_cifar / "tb")
+    sets = ["train.steps=4", "train.batch_size=8", "train.model_kwargs.width=0.125", "train.eval_batch_size=16",
+            "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=2"]
+    assert tb.main(["--preset", "paper", "--out", out, "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
+    r = _results(out)
+    cmp = r["paper_comparison"]
+    (row,) = cmp["rows"]
+    assert (row["row"], row["column"], row["paper"]) == ("ResNet-20", "C10", 8.75)
+    assert row["ours"] == pytest.approx(100 * (1 - r["runs"][0]["test_accuracy"]) if "runs" in r else row["ours"])
+    assert row["deviations"] == ["steps=4 (paper 64000)", "batch_size=8 (paper 128)", "model_kwargs={width=0.125} (paper {})"]
+    assert len(cmp["not_run"]) == 6 and "table6/ResNet-110/C10" in cmp["not_run"]
+
+
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
+def test_averaging_paper_preset_end_to_end(tmp_path, monkeypatch):
+    """The averaging experiment's paper preset (MLPs on MNIST) on mock MNIST, every part shrunk."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("MERGEJAX_DATA", str(tmp_path / "data"))
+    av = load_experiment("averaging")
+    sets = ["seeds=(0,)", "hidden=(16,)", "pair_hidden=(16,)", "pair_steps=4", "soup_pretrain_steps=4", "soup_finetune_steps=2",
+            "soup_lrs=(0.01,0.1)", "total_steps=4", "ks=(1,2)", "workers=2", "worker_batch=8", "batch_size=8",
+            "checkpoint_every=2", "two_process=False", "interp_points=3"]
+    with tfds.testing.mock_data(num_examples=64):
+        assert av.main(["--preset", "paper", "--out", str(tmp_path / "av"), "--quiet"] + [a for s in sets for a in ("--set", s)]) == 0
+    r = _results(str(tmp_path / "av"))
+    assert r["config"]["dataset"] == "mnist" and len(r["soups"]) == len(r["interpolation"]) == 1
+    assert {(d["optimizer"], d["K"]) for d in r["divergence"]} == {(o, k) for o in ("sgd", "momentum") for k in (1, 2)}
+    assert max(d["param_dist"] for d in r["divergence"] if (d["optimizer"], d["K"]) == ("sgd", 1)) < 1e-5  # K=1: the same
+    assert len(r["interpolation"][0]["naive_acc"]) == 3 and 0.0 <= r["soups"][0]["uniform_test"] <= 1.0
+
+
+@pytest.mark.slow  # ~2-3 min: WRN, DenseNet, SVHN train+extra with a holdout, the Dropout column and Table 3 on mock data
+def test_snapshot_paper_grid_beyond_resnet110_on_mock_data(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("MERGEJAX_DATA", str(tmp_path / "data"))
+    se = load_experiment("snapshot_ensemble")
+    config = override(se.get_config("paper"), [
+        "networks=('wrn32_4','densenet40')", "datasets=('cifar100','svhn_cropped')", "columns=('single','dropout','snapshot_a0.2')",
+        "table3_ms=(2,)", "train.steps=30", "train.batch_size=8", "train.log_every=10", "train.model_kwargs.width=0.0625",
+        "eval_batch_size=16"])
+    config.network_kwargs = ml_collections.ConfigDict({"wrn32_4": {"shortcut": "A", "depth": 8}, "densenet40": {"depth": 10}})
+    config.holdout = ml_collections.ConfigDict({"svhn_cropped": 4})
+    with tfds.testing.mock_data(num_examples=16):
+        out = se.run(config, str(tmp_path / "out"), progress=False)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    cells = res["cells"]
+    assert set(cells) == {"wrn32_4/cifar100", "wrn32_4/svhn_cropped", "densenet40/cifar100", "densenet40/svhn_cropped",
+                          "densenet40/cifar100/M2"}
+    for prefix, cell in cells.items():
+        want = {"snapshot_0.2"} if prefix.endswith("/M2") else {"single", "dropout", "snapshot_0.2"}
+        assert set(cell["summary"]) == want, prefix
+    ran = {(r["row"], r["column"]): r for r in res["paper_comparison"]["rows"]}
+    assert {("Wide-ResNet-32", "C100/Dropout"), ("Wide-ResNet-32", "SVHN/Snapshot a0=0.2"), ("DenseNet-40", "SVHN/Single"),
+            ("DenseNet-40", "C100/M=2")} <= set(ran)
+    # SVHN trained on train + extra (16 + 16 mock images) less the 4 withheld: 28 // 8 = 3 steps an epoch
+    assert any("epochs=10 (paper 40)" in d for d in ran[("DenseNet-40", "SVHN/Single")]["deviations"])
+    assert "model_kwargs={depth=8, width=0.0625} (paper {})" in ran[("Wide-ResNet-32", "C100/Dropout")]["deviations"]
+    assert "| table3 | DenseNet-40 | C100/M=2 |" in out["table"]

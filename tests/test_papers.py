@@ -9,6 +9,7 @@ import pytest
 
 from mergejax import papers
 from mergejax.papers import Cell
+from mergejax.papers import resnet
 from mergejax.papers import snapshot as snap
 
 
@@ -80,7 +81,7 @@ def test_side_by_side_and_markdown_on_a_hand_example():
            Cell("t1", "Net", "C10/B", 10.0, "error_pct", "paper, Table 1, Net, B")]
     comp = papers.side_by_side(pub, {("t1", "Net", "C10/A"): 6.5, ("t1", "Net", "C10/Z"): 1.0})
     assert comp["rows"] == [{"table": "t1", "row": "Net", "column": "C10/A", "metric": "error_pct", "paper": 5.0, "ours": 6.5,
-                             "diff": 1.5, "source": "paper, Table 1, Net, A"}]
+                             "diff": 1.5, "source": "paper, Table 1, Net, A", "note": "", "deviations": []}]
     assert comp["not_run"] == ["t1/Net/C10/B"] and comp["unmatched"] == ["t1/Net/C10/Z"]
     md = papers.markdown(comp)
     assert "| t1 | Net | C10/A | error_pct | 5 | 6.50 | +1.50 |" in md
@@ -99,3 +100,48 @@ def test_check_refuses_duplicates_and_empty_sources():
         papers.check([dataclasses.replace(a, source=" ")])
     with pytest.raises(ValueError, match="unknown paper"):
         papers.cells("nope")
+
+
+def test_deviations_flag_only_the_settings_that_differ():
+    paper = {"M": 5, "epochs": 200, "batch_size": 64, "model_kwargs": {}, "shortcut": "A"}
+    assert papers.deviations({"M": 5, "epochs": 200.0, "batch_size": 64, "model_kwargs": {}, "shortcut": "A"}, paper) == []
+    assert papers.deviations({"epochs": 200 * 781 / 781.0001}, paper) == []  # step rounding is not a deviation
+    got = papers.deviations({"M": 2, "epochs": 1.0, "batch_size": 64, "model_kwargs": {"width": 0.25}, "shortcut": "B"}, paper)
+    assert got == ["M=2 (paper 5)", "epochs=1 (paper 200)", "model_kwargs={width=0.25} (paper {})", "shortcut=B (paper A)"]
+    assert papers.deviations({"extra": 1}, paper) == []  # a setting the paper does not state is not compared
+
+
+def test_deviations_and_notes_reach_the_rows_and_the_table():
+    pub = [Cell("t1", "Net", "C10/A", 5.0, "error_pct", "paper, A", note="another method"),
+           Cell("t1", "Net", "C10/B", 10.0, "error_pct", "paper, B")]
+    key_a, key_b = ("t1", "Net", "C10/A"), ("t1", "Net", "C10/B")
+    comp = papers.side_by_side(pub, {key_a: 6.5, key_b: 9.0}, {key_b: ["M=2 (paper 5)"]}, {key_a: "ours folds the gates"})
+    a, b = comp["rows"]
+    assert (a["note"], a["deviations"]) == ("another method; ours folds the gates", [])
+    assert (b["note"], b["deviations"]) == ("", ["M=2 (paper 5)"])
+    md = papers.markdown(comp)
+    assert "| +1.50 | another method; ours folds the gates |" in md and "| -1.00 | setup differs: M=2 (paper 5) |" in md
+    assert "2 of 2 compared cells are not like for like" in md
+    clean = papers.markdown(papers.side_by_side(pub[1:], {key_b: 9.0}))
+    assert "| -1.00 |  |" in clean and "not like for like" not in clean
+    listed = papers.markdown(papers.also_not_run(comp, papers.cells("swa_fge"), "no preset trains it"))
+    assert "Not run (no preset trains it): swa/WRN-28-10/C100/SGD," in listed
+
+
+def test_resnet_table6_and_its_deviations():
+    by = {c.key: c.value for c in papers.cells("resnet")}
+    assert by[("table6", "ResNet-20", "C10")] == 8.75 and by[("table6", "ResNet-56", "C10")] == 6.97
+    assert by[("table6", "ResNet-110", "C10")] == 6.43 and by[("table6", "ResNet-110", "C10 (mean of 5 runs)")] == 6.61
+    papers.check(papers.cells("resnet"))
+    train = dict(model="resnet110", dataset="cifar10", steps=64_000, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
+                 schedule="step", step_boundaries=[0.5, 0.75], augment=True, model_kwargs={"shortcut": "A"})
+    runs = [{"test_accuracy": 0.93, "steps": 64_000}, {"test_accuracy": 0.94, "steps": 64_000}]
+    comp = resnet.compare(train, runs)
+    assert [(r["column"], round(r["ours"], 6), r["deviations"]) for r in comp["rows"]] == [
+        ("C10", 6.5, []), ("C10 (mean of 5 runs)", 6.5, [])]
+    assert len(comp["not_run"]) == 5
+    # our default shortcut (B, a 1x1 conv), a quarter width and a short run are each flagged
+    short = resnet.compare({**train, "model": "resnet20", "model_kwargs": {"width": 0.25}}, [{"test_accuracy": 0.5, "steps": 20}])
+    assert short["rows"][0]["deviations"] == ["steps=20 (paper 64000)", "shortcut=B (paper A)", "model_kwargs={width=0.25} (paper {})"]
+    assert not resnet.compare({**train, "model": "cnn"}, runs)["rows"]
+    assert not resnet.compare({**train, "dataset": "cifar100"}, runs)["rows"]

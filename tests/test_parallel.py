@@ -79,6 +79,7 @@ def test_sync_bn_reaches_every_batchnorm(name, kw, shape):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # CI time (~60 s); `python -m pytest -q -m slow` runs it; test_devices covers fit on 4-8 devices by default
 def test_dp_step_on_8_simulated_devices(tmp_path):
     out = tmp_path / "mesh.json"
     proc = subprocess.run([sys.executable, WORKER, "mesh", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -156,3 +157,19 @@ def test_sync_bn_rebuilds_the_model_of_plain_and_gated_states_and_refuses_others
     assert isinstance(g, GatedApply) and g.spec is spec and g.model.bn_axis_name == parallel.AXIS
     with pytest.raises(UserError, match="cannot train on 3 devices; set devices=1"):
         parallel.sync_bn(state.replace(apply_fn=lambda *a, **k: None), [None] * 3)
+
+
+def test_placed_step_names_its_batch_sharding_and_prefetch_lands_there():
+    """``fit`` prefetches batches straight onto a placed step's batch sharding (on accelerators), so
+    the step's own ``device_put`` of the batch has nothing to move."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mergejax.core.loop import prefetch_to_device
+
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    run = parallel.place_on(mesh, lambda state, batch, rng: (state, batch))
+    assert run.batch_sharding == NamedSharding(mesh, P(parallel.AXIS))
+    batch = {"image": np.ones((4, 8, 8, 1), np.float32), "label": np.arange(4, dtype=np.int32)}
+    (got,) = list(prefetch_to_device(iter([batch]), sharding=run.batch_sharding))
+    assert all(x.sharding == run.batch_sharding for x in got.values())
+    np.testing.assert_array_equal(np.asarray(got["label"]), batch["label"])

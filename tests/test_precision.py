@@ -130,3 +130,31 @@ def test_dtype_names_and_unknown_precision_refused(digits):
         make_model("cnn", 10, dtype="bf16")
     with pytest.raises(ValueError, match=r"floating point, got int32"):
         make_model("cnn", 10, dtype="int32")
+
+
+class _Built(Exception):
+    """Raised by the recording model class below: the first model an experiment builds."""
+
+
+@pytest.mark.parametrize("experiment, section", [("train_baseline", "train"), ("snapshot_ensemble", "train"),
+                                                 ("freezeout", "train"), ("merge_networks", "teacher")])
+def test_every_experiment_trains_at_its_configured_precision(experiment, section, monkeypatch, tmp_path):
+    """``<section>.precision=bf16`` reaches the model each experiment trains (it was once dropped
+    by three of them, which trained in fp32): the first model built gets the bf16 compute dtype."""
+    from conftest import load_experiment
+
+    from mergejax.config import override
+    from mergejax.core import models
+
+    module = load_experiment(experiment)
+    config = override(module.get_config("smoke"), [f"{section}.precision=bf16"])
+    built = []
+
+    def record(**kwargs):
+        built.append(kwargs)
+        raise _Built
+
+    monkeypatch.setitem(models.MODELS, config[section].model, record)
+    with pytest.raises(_Built):
+        module.run(config, str(tmp_path / experiment), progress=False)
+    assert built and built[0].get("dtype") == BF16, built

@@ -160,3 +160,25 @@ def test_a_killed_but_unreaped_process_does_not_hold_its_lock():
     assert not rundir._pid_alive(child.pid)  # exited, not yet reaped
     child.wait()
     assert rundir._pid_alive(os.getpid())
+
+
+def test_stale_temp_siblings_of_killed_writers_are_removed_live_ones_kept(tmp_path):
+    """``mergejax average`` and ``checkpoint.save`` write ``<out>.tmp-<host>-<pid>-*`` and rename it;
+    a SIGKILL in between leaves it. The next write clears those of dead writers, never a live one's."""
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    out = tmp_path / "avg"
+    host = socket.gethostname()
+    stale, live = tmp_path / f"avg.tmp-{host}-{dead}-0123abcd", tmp_path / f"avg.tmp-{host}-{os.getpid()}-4567ef01"
+    other = tmp_path / f"avg.tmp-{host}x-{dead}-89abcdef"  # another host's name: not ours to judge
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "checkpoint").write_text("half")
+    (tmp_path / f"avg.tmp-{host}-{dead}-orbax").write_text("a file")
+    fresh = rundir.temp_sibling(str(out))
+    assert fresh.startswith(f"{out}.tmp-{host}-{os.getpid()}-") and fresh != rundir.temp_sibling(str(out))
+    removed = rundir.remove_stale_temps(str(out))
+    assert sorted(removed) == sorted([str(stale), str(tmp_path / f"avg.tmp-{host}-{dead}-orbax")])
+    assert live.exists() and other.exists() and not stale.exists()
+    assert rundir.remove_stale_temps(str(tmp_path / "nothing" / "here")) == []

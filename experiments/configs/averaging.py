@@ -20,7 +20,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         soup_pretrain_steps=300, soup_finetune_steps=150, soup_lrs=(0.003, 0.01, 0.03, 0.1, 0.3), val_fraction=0.2,
         two_process=True, checkpoint_every=300,  # (d); steps between fit checkpoints in (b), (c)
         models_per_program=0,  # 2: (b)'s two networks in one vmapped program; 0 = auto (1 on CPU; an accelerator: if they fit)
-        devices=0))  # local devices that program spreads its networks over (0 = all; 1 = one)
+        devices=0))  # local devices (0 = all; 1 = one): (b)'s vmapped program spreads its networks over them; one network's
+        # fit (the solo pair, soup pretrain and fine-tunes) splits each batch over them (batch_size must divide)
     if preset == "paper":
         # The papers' CIFAR-10-scale runs are out of reach on CPU; the same protocol on MNIST with wider MLPs
         # (Ainsworth et al. 2022 match a 3x512 MLP on MNIST; Wortsman et al. 2022 soup 72 fine-tunes).

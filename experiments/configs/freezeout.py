@@ -85,12 +85,12 @@ def plan(config: ml_collections.ConfigDict) -> list[dict]:
     """One row per timed training (the --dry-run contract): every sweep point and baseline
     timing, ``repeats`` times, per seed and network. Steps are the run's T (FreezeOut skips
     part of the backward, so the FLOPs are an upper bound; the run predicts the saving)."""
-    from mergejax.cost import dataset_shape, plan_row
+    from mergejax.cost import num_examples, plan_row
     from mergejax.run import num_steps
 
     rows = []
     for net, tc in networks(config):
-        n = dataset_shape(tc.dataset).num_train - config.validation
+        n = num_examples(tc.dataset, tc.train_split) - config.validation
         total, _ = num_steps(tc, n)
         for seed in config.seeds:
             for j, point in enumerate(sweep_points(config)):

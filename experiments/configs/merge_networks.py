@@ -82,12 +82,12 @@ def plan(config: ml_collections.ConfigDict) -> list[dict]:
     """One row per training run (the --dry-run contract): per seed the two teachers, the long
     teacher(s), the gate stage at double width, the fine-tuning, and the double-width baseline's
     three runs. Gate stages count as runs of the double-width network (``width_factor`` 2)."""
-    from mergejax.cost import dataset_shape, plan_row
+    from mergejax.cost import num_examples, plan_row
 
     rows = []
     for row, c in settings(config):
         T, G, F = c.teacher.epochs, c.merge.gate_epochs, c.merge.finetune_epochs
-        n = dataset_shape(c.teacher.dataset).num_train
+        n = num_examples(c.teacher.dataset, c.teacher.train_split)
         g_steps, f_steps = stage_steps(G, n, c.merge.batch_size)[0], stage_steps(F, n, c.merge.batch_size)[0]
         epochs = {"teacher_a": T, "teacher_b": T, "long_teacher": 2 * T + G + F}
         if "long_teacher_flops" in c.baselines:

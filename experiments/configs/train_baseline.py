@@ -24,8 +24,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
                                lr=0.1, log_every=10, checkpoint_every=5)
     elif preset == "paper":
         # He et al. 2016, Sec. 4.2: batch 128, SGD momentum 0.9, wd 1e-4, lr 0.1 divided by 10 at
-        # 32k and 48k iterations, stop at 64k (= 50% and 75% of training); pad-crop-flip.
-        c.train = train_config(dataset="cifar10", model="resnet20", batch_size=128, steps=64_000, lr=0.1, momentum=0.9,
+        # 32k and 48k iterations, stop at 64k (= 50% and 75% of training); pad-crop-flip; identity
+        # shortcuts zero-padded where the width doubles (option A; our ResNet's default is B).
+        c.train = train_config(dataset="cifar10", model="resnet20", model_kwargs={"shortcut": "A"}, batch_size=128,
+                               steps=64_000, lr=0.1, momentum=0.9,
                                weight_decay=1e-4, schedule="step", step_boundaries=(0.5, 0.75), augment=True,
                                log_every=200, eval_every=2000, checkpoint_every=2000)
     return c

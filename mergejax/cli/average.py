@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from typing import Sequence
 
 import jax
@@ -188,7 +187,8 @@ def average_checkpoints(paths: Sequence[str], out: str, *, weights: Sequence[flo
     summary = {"inputs": [os.path.abspath(p) for p in paths], "resolved": resolved, "weights": list(weights) if weights else None,
                "align": os.path.abspath(align) if align else None, "model": model, "model_kw": model_kw, "recompute_bn": recompute_bn,
                "num_leaves": len(jax.tree.leaves(result)), "wall_time_s": None}
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    rundir.remove_stale_temps(out)  # what a killed earlier attempt left half-written beside it
+    tmp = rundir.temp_sibling(out)
     try:
         os.makedirs(tmp)
         ckpt_lib.save(os.path.join(tmp, "checkpoint"), result)

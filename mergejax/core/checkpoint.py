@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 
 from mergejax.core import trees
 from mergejax.core.errors import CorruptCheckpoint, UserError
-from mergejax.core.rundir import write_json
+from mergejax.core.rundir import remove_stale_temps, temp_sibling, write_json
 
 CHECKSUMS = "checksums.json"
 _TEMP = re.compile(r"^\d+\.(tmp|old)-[0-9a-f]{8}")  # a Manager step's leftovers from a killed save
@@ -196,7 +196,8 @@ def save(path: str, tree: Any, *, overwrite: bool = False, allow_nonfinite: bool
     if not allow_nonfinite and (bad := _first_nonfinite(leaves)) is not None:
         raise FloatingPointError(f"refusing to save checkpoint {path}: leaf {bad} holds NaN/Inf (allow_nonfinite=True saves it anyway)")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(path)  # a killed earlier save's half-written copy
+    tmp = temp_sibling(path)
     try:
         with _checkpointer() as ckptr:
             ckptr.save(tmp, args=ocp.args.StandardSave(tree))

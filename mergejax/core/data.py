@@ -84,15 +84,20 @@ def load(name: str, split: str, *, data_dir: str | None = None, download: bool =
     under ``data_dir/npz`` after the first load. A TFDS dataset that is not prepared under
     ``data_dir/tfds`` is downloaded and converted (``download=True``; needs network and
     TensorFlow, see ``mergejax prepare``); when it cannot be, :class:`~mergejax.core.errors.UserError`
-    with a one-line message saying how to prepare it.
+    with a one-line message saying how to prepare it. ``split`` may be a TFDS-style sum such as
+    ``"train+extra"`` (SVHN): the parts concatenated in that order, each cached on its own.
     """
     _check_name(name)
-    if split not in splits_of(name):
-        raise ValueError(f"dataset {name!r} has no split {split!r}; available: {', '.join(splits_of(name))}")
+    parts = split.split("+")
+    if any(p not in splits_of(name) for p in parts) or len(set(parts)) < len(parts):
+        raise ValueError(f"dataset {name!r} has no split {split!r}; available: {', '.join(splits_of(name))} "
+                         "(or a sum of distinct ones, e.g. 'train+extra')")
     if name == "digits":
-        images, labels = _digits(split)
+        raw = [_digits(p) for p in parts]
     else:
-        images, labels = _tfds_numpy(name, split, data_dir or default_data_dir(), download)
+        raw = [_tfds_numpy(name, p, data_dir or default_data_dir(), download) for p in parts]
+    images, labels = (np.concatenate(a) if len(a) > 1 else a[0] for a in zip(*raw))
+    if name != "digits":
         mean, std = (np.asarray(s, np.float32) for s in _STATS[name])
         images = (images.astype(np.float32) / 255.0 - mean) / std
     return Split(images.astype(np.float32), labels.astype(np.int32), _NUM_CLASSES[name], name)

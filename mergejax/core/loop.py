@@ -238,7 +238,7 @@ def _fit_loop(state, train_split, manager, log_file, start, *, num_steps, batch_
     if jax.default_backend() != "cpu":
         # On CPU "device" memory is host memory: a prefetch thread gains nothing and its GIL
         # contention cost ~5-10 ms per step in benchmarks/train_step.py.
-        stream = prefetch_to_device(stream)
+        stream = prefetch_to_device(stream, sharding=getattr(step_fn, "batch_sharding", None))  # a placed step's: no re-shard
     bar = _progress(start, num_steps, progress)
     pending: list = []  # device metrics not yet fetched
     t0 = time.perf_counter() - elapsed  # time_s continues across resumes

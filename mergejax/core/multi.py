@@ -29,7 +29,7 @@ from mergejax.core import checkpoint as ckpt_lib
 from mergejax.core import data as data_lib
 from mergejax.core import trees
 from mergejax.core.errors import Diverged
-from mergejax.core.loop import (fetch_metrics, read_metrics, resumable_workdir, save_checked, workdir_manifest,
+from mergejax.core.loop import (fetch_metrics, prefetch_to_device, read_metrics, resumable_workdir, save_checked, workdir_manifest,
                                 write_record)
 from mergejax.core.train import STEP_STATIC, TrainState, model_eval_sums, placed_step, softmax_loss, train_step
 
@@ -211,6 +211,9 @@ def _many_loop(stacked, train_split, manager, log_file, start, *, num_steps, bat
     fold = jax.jit(_fold_all)
     keys = jnp.stack([jax.random.key(s) for s in seeds])
     streams = [data_lib.batches(train_split, batch_size, seed=s, start_step=start, remainder=remainder) for s in seeds]
+    stacked_batches = ({k: np.stack([p[k] for p in parts]) for k in parts[0]} for parts in zip(*streams))  # (N, B, ...)
+    if jax.default_backend() != "cpu":  # as in fit: stack and copy the next batches while the device computes
+        stacked_batches = prefetch_to_device(stacked_batches, sharding=getattr(step, "batch_sharding", None))
     histories: list[list[dict]] = [[] for _ in seeds]
 
     def log(records):
@@ -224,9 +227,7 @@ def _many_loop(stacked, train_split, manager, log_file, start, *, num_steps, bat
     t0 = time.perf_counter() - elapsed  # time_s continues across resumes
     with tqdm(total=num_steps, initial=start, disable=not progress, desc=f"train x{n}", unit="step") as bar:
         for i in range(start, num_steps):
-            parts = [next(s) for s in streams]
-            batch = {k: np.stack([p[k] for p in parts]) for k in parts[0]}
-            stacked, metrics = step(stacked, batch, fold(keys, i))
+            stacked, metrics = step(stacked, next(stacked_batches), fold(keys, i))
             pending.append(metrics)
             done = i + 1
             for cb in callbacks:

@@ -63,6 +63,27 @@ def write_json(path: str, obj: Any) -> str:
     return path
 
 
+def temp_sibling(path: str) -> str:
+    """A fresh name beside ``path`` to write into and then rename onto it:
+    ``<path>.tmp-<host>-<pid>-<8 hex>``. A writer killed half-way leaves it behind; the name says
+    whose it was, so :func:`remove_stale_temps` can clear it once that process is gone."""
+    return f"{os.path.abspath(path)}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temps(path: str) -> list[str]:
+    """Delete the :func:`temp_sibling` leftovers of ``path`` written on this host by processes that
+    are no longer running (a killed write); returns what it removed. Live writers' are kept."""
+    parent, base = os.path.split(os.path.abspath(path))
+    prefix, removed = f"{base}.tmp-{socket.gethostname()}-", []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+        pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale = os.path.join(parent, name)
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+            removed.append(stale)
+    return removed
+
+
 def read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)

@@ -133,8 +133,12 @@ def unit_spec(model: nn.Module, variables: Any) -> UnitSpec:
     if not hasattr(model, "unit_table"):
         raise TypeError(f"{type(model).__name__} has no unit_table(); every model that is aligned, merged, gated or "
                         "compressed describes its units there")
+    try:
+        table = model.unit_table()
+    except NotImplementedError as e:  # a configuration without a table (ResNet shortcut="A"): a usage error, one line
+        raise TypeError(str(e)) from None
     b = _Builder(variables)
-    for kind, path, group_in, group_out in model.unit_table():
+    for kind, path, group_in, group_out in table:
         if kind == "norm":
             b.norm(tuple(path), group_out)
         else:

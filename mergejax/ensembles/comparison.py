@@ -20,9 +20,12 @@ import numpy as np
 
 from mergejax import papers, report
 from mergejax.config import replace, to_dict
+from mergejax.core import data as data_lib
 from mergejax.core.models import make_model
 from mergejax.ensembles.swa import training_runs
 from mergejax.papers import snapshot as paper
+from mergejax.papers import swa_fge
+from mergejax.papers.resnet import shortcut_of
 
 
 class GridCell(NamedTuple):
@@ -52,7 +55,9 @@ def grid(config) -> list[GridCell]:
     """The cells ``config`` runs: ``networks`` x ``datasets`` that have a ``budgets`` entry ``(epochs, M[, batch])``
     (all when ``budgets`` is empty; none given: ``config.train`` alone, units directly under ``seed<k>/``), then one
     Table 3 cell per M of ``table3_ms``, merged into the Table 1 cell when M is its budget's M. ``num_snapshots`` > 0
-    overrides every M; ``batch`` (default ``config.train.batch_size``) is the cell's batch size."""
+    overrides every M; ``batch`` (default ``config.train.batch_size``) is the cell's batch size. ``network_kwargs``
+    (network -> model kwargs, optional) are merged over ``config.train.model_kwargs``; ``train_splits`` (dataset ->
+    training split, optional, e.g. ``"train+extra"``) sets the cell's ``train_split``."""
     methods = tuple(config.columns) + tuple(config.extras)
     if not (config.networks or config.datasets or config.table3_ms):
         return [GridCell("", config.train, config.num_snapshots, methods)]
@@ -61,8 +66,10 @@ def grid(config) -> list[GridCell]:
         epochs, m0, *batch = config.budgets[ds][net] if net in config.budgets.get(ds, {}) else (config.train.epochs, 0)
         m0 = config.num_snapshots or m0
         m = m or m0
+        kwargs = {**to_dict(config.train.model_kwargs), **to_dict(config.get("network_kwargs", {}).get(net, {}))}
         train = replace(config.train, model=net, dataset=ds, epochs=float(epochs), augment=config.train.augment and ds not in
-                        config.no_augment, batch_size=int(batch[0]) if batch else config.train.batch_size)
+                        config.no_augment, batch_size=int(batch[0]) if batch else config.train.batch_size, model_kwargs=kwargs,
+                        train_split=config.get("train_splits", {}).get(ds, config.train.train_split))
         methods = tuple(x for x in methods if x != "dropout" or dropout_column(net, ds))
         return GridCell(f"{net}/{ds}/" + ("" if m == m0 else f"M{m}/"), train, m, methods, m == m0)
 
@@ -77,6 +84,14 @@ def grid(config) -> list[GridCell]:
         old = cells.get(c.prefix, c._replace(methods=()))
         cells[c.prefix] = old._replace(methods=old.methods + tuple(x for x in c.methods if x not in old.methods))
     return list(cells.values())
+
+
+def cell_data(config, cell: GridCell) -> tuple[data_lib.Split, data_lib.Split]:
+    """``(train, test)`` of ``cell``: its ``train_split`` less ``config.holdout[dataset]`` examples withheld
+    (:func:`mergejax.core.data.holdout`, seed 0; the withheld part is never used), and the test split."""
+    ds, train = cell.train.dataset, data_lib.load(cell.train.dataset, cell.train.get("train_split", "train"))
+    n = config.get("holdout", {}).get(ds, 0)
+    return (data_lib.holdout(train, n)[0] if n else train), data_lib.load(ds, "test")
 
 
 def method_rows(cell: GridCell, dropout: float) -> list[tuple[str, str, int]]:
@@ -104,6 +119,23 @@ def paper_values(cells_summaries, table3_ms=()) -> dict[tuple[str, str, str], fl
         if (net, ds) == ("densenet40", "cifar100") and c.M in table3_ms and "snapshot_0.2" in summary:
             ours[paper.table3_key(c.M)] = summary["snapshot_0.2"]["error_pct"]["mean"]
     return ours
+
+
+def paper_deviations(done: list[dict], table3_ms=()) -> dict[tuple[str, str, str], list[str]]:
+    """``{paper cell key: ["M=2 (paper 5)", ...]}``: how each compared cell's run differs from the paper's setting
+    (:func:`mergejax.papers.snapshot.setting`): budget in epochs actually run (``budget_steps / steps_per_epoch``),
+    M, batch size, weight decay, model kwargs (width, depth, ...), augmentation, ResNet shortcut. ``done``: as
+    :func:`report_cells`'."""
+    out = {}
+    for r in done:
+        c = r["cell"]
+        kw = to_dict(c.train.model_kwargs)
+        ours = {"epochs": r["budget_steps"] / r["steps_per_epoch"], "M": c.M, "batch_size": c.train.batch_size,
+                "weight_decay": c.train.weight_decay, "model_kwargs": {k: v for k, v in kw.items() if k not in ("dtype", "shortcut")},
+                "augment": c.train.augment, "shortcut": shortcut_of(c.train.model, kw)}
+        for key in paper_values([(c, r["summary"])], table3_ms):
+            out[key] = papers.deviations(ours, paper.setting(key))
+    return out
 
 
 def _fmt(s: dict, digits: int = 2) -> str:  # report.fmt_mean_std of a summary
@@ -153,9 +185,13 @@ def report_cells(config, done: list[dict], out_dir: str) -> tuple[dict, str, lis
     ``done``: per cell (in :func:`grid` order) ``{cell, budget_steps, steps_per_epoch, summary, rows, sched, table, runs,
     snapshot_boundaries}``, ``runs[seed]`` holding ``curves``, ``losses`` and ``wall_time_s``. The top level of the
     results is the first cell (with ``cells`` per cell when there are several); the plots are of the first cell's first
-    seed; ``paper_comparison`` puts our errors beside every published cell (:func:`mergejax.papers.side_by_side`)."""
+    seed; ``paper_comparison`` puts our errors beside every published cell (:func:`mergejax.papers.side_by_side`), each
+    with its run's ``deviations`` from the paper's setting (:func:`paper_deviations`), and lists the SWA / FGE
+    reference points under ``not_run_reasons``."""
     first, published = done[0], papers.cells("snapshot", "table1") + (papers.cells("snapshot", "table3") if config.table3_ms else ())
-    comparison = papers.side_by_side(published, paper_values([(r["cell"], r["summary"]) for r in done], tuple(config.table3_ms)))
+    comparison = papers.side_by_side(published, paper_values([(r["cell"], r["summary"]) for r in done], tuple(config.table3_ms)),
+                                     paper_deviations(done, tuple(config.table3_ms)))
+    comparison = papers.also_not_run(comparison, papers.cells("swa_fge"), swa_fge.NOT_RUN)
     M, total = first["cell"].M, first["budget_steps"]
     table = ("\n".join(f"### `{r['cell'].prefix.rstrip('/')}`\n\n{r['table']}" for r in done) if len(done) > 1 else first["table"])
     table += "\n" + papers.markdown(comparison)

@@ -58,12 +58,15 @@ def fold_gates(variables: Any, gates: Mapping[str, jax.Array], spec: UnitSpec) -
     return jax.tree_util.tree_map_with_path(one, variables)
 
 
-def compress(big_vars: Any, log_alphas: Mapping[str, jax.Array], spec: UnitSpec, fraction: float = 0.5) -> tuple[Any, dict]:
+def compress(big_vars: Any, log_alphas: Mapping[str, jax.Array], spec: UnitSpec, fraction: float = 0.5,
+             fold: bool = True) -> tuple[Any, dict]:
     """Student variables from the big student's ``{'params', 'batch_stats'}`` and its gate
     parameters ``{group: log_alpha (2n,)}``. Returns ``(student_vars, keep)`` where every
     group has ``round(fraction * 2n)`` units (n for the default half: the teachers' shapes)
-    and ``keep[g]`` are the kept unit indices of the big student."""
+    and ``keep[g]`` are the kept unit indices of the big student. ``fold=False`` slices the
+    weights without the gate values (the authors' notebook: not the gated network's function)."""
     check_spec(spec, big_vars)
     keep = keep_index(log_alphas, spec, fraction)
-    folded = fold_gates(big_vars, {g: deterministic(la) for g, la in log_alphas.items()}, spec)
-    return take_units(folded, spec, keep), keep
+    if fold:
+        big_vars = fold_gates(big_vars, {g: deterministic(la) for g, la in log_alphas.items()}, spec)
+    return take_units(big_vars, spec, keep), keep

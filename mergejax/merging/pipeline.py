@@ -30,7 +30,7 @@ import numpy as np
 from mergejax.core import data as data_lib
 from mergejax.core.loop import evaluate, fit, read_metrics
 from mergejax.core.optim import make_optimizer, step_decay
-from mergejax.core.train import TrainState, model_apply_fn, model_eval_sums
+from mergejax.core.train import TrainState, eval_sums, model_apply_fn, model_eval_sums
 from mergejax.core.units import unit_spec
 from mergejax.merging import gates as G
 from mergejax.merging.compress import compress
@@ -38,7 +38,7 @@ from mergejax.merging.concat import concat
 from mergejax.merging.train import GateHistory, GateLoss, create_gate_state, gate_optimizer, split_params
 
 __all__ = ["gate_tx", "finetune_tx", "stage_steps", "gate_stage", "finetune", "compress_stage", "shrink", "merge",
-           "double_width", "evaluate_vars", "seed_of"]
+           "double_width", "evaluate_vars", "evaluate_sampled_gates", "seed_of"]
 
 
 def double_width(model: nn.Module) -> nn.Module:
@@ -111,6 +111,7 @@ def gate_stage(
     augment_fn: Callable | None = None,
     log_alpha_mean: float = 3.0,
     log_alpha_std: float = 0.01,
+    sampled_eval_log_alpha: float | None = None,
     eval_batch_size: int = 500,
     log_every: int = 50,
     checkpoint_every: int = 0,
@@ -134,7 +135,9 @@ def gate_stage(
     ``manifest`` guards it) and the gate history goes to ``workdir/gate_history.jsonl``.
     Returns ``(big_vars after, log_alphas {group: (units,)}, summary)``; summary: test
     loss/accuracy of ``big_start`` (no gates), ``big_student_step0`` (initial deterministic
-    gates) and ``big_student_after_gates``; ``gate_binariness`` (pooled and ``_per_group``);
+    gates), ``big_student_step0_sampled`` (the authors' measurement: gates sampled per example
+    from log_alpha ~ N(``sampled_eval_log_alpha``, std^2), their init; None, the default: not measured) and
+    ``big_student_after_gates``; ``gate_binariness`` (pooled and ``_per_group``);
     ``gate_history`` (mean P[g > 0] per group and lambda every ``record_every`` steps,
     default 1/5 epoch); ``gate_log`` (the training metrics); ``steps``; ``timing_s``.
     ``devices`` (several): each batch split over them with BatchNorm synchronised (``fit``'s);
@@ -149,6 +152,11 @@ def gate_stage(
     state = _on_device(create_gate_state(big_model, spec, big_vars, log_alphas, tx, lr_fn=lr_fn, augment_fn=augment_fn))
     summary = {"big_start": evaluate_vars(big_model, big_vars, test, eval_batch_size),
                "big_student_step0": evaluate(state, test, eval_batch_size)}
+    if sampled_eval_log_alpha is not None:  # the authors' start: random gates at their init, random at test time too
+        k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
+        start = G.init_log_alpha(k1, spec, sampled_eval_log_alpha, log_alpha_std)
+        summary["big_student_step0_sampled"] = evaluate_sampled_gates(big_model, big_vars, start, test, key=k2,
+                                                                      batch_size=eval_batch_size)
     history = GateHistory(lambda_fn, record_every or per_epoch // 5, num_steps, _sub(workdir, "gate_history.jsonl"))
     history.start(log_alphas)
     fit_dir = _sub(workdir, "fit")
@@ -164,6 +172,23 @@ def gate_stage(
         steps={"gates": num_steps, "per_epoch": per_epoch}, timing_s={"gates": time.perf_counter() - t0},
     )
     return big_after, las, summary
+
+
+def evaluate_sampled_gates(big_model: nn.Module, big_vars: Mapping[str, Any], log_alphas: Mapping[str, Any],
+                           split: data_lib.Split, *, key: jax.Array, batch_size: int = 500) -> dict:
+    """Test loss/accuracy of ``big_vars`` (eval mode: BatchNorm running statistics) with one
+    hard-concrete gate sample per example and group from ``log_alphas`` ``{group: (units,)}``
+    (a new draw per batch, from ``key``): the authors' evaluation, whose gates stay random."""
+    spec, count = unit_spec(big_model, big_vars), iter(range(1 << 30))
+
+    @jax.jit
+    def sums(variables, batch, rng):
+        gates = G.sample_gates(rng, log_alphas, batch["image"].shape[0])
+        logits, _ = G.gated_apply(big_model, variables["params"], variables["batch_stats"], batch["image"], gates, spec,
+                                  train=False)
+        return eval_sums(logits, batch["label"], batch.get("mask"))
+
+    return evaluate(big_vars, split, batch_size, step_fn=lambda v, b: sums(v, b, jax.random.fold_in(key, next(count))))
 
 
 def finetune(
@@ -216,14 +241,18 @@ def compress_stage(
     """Keep the best half of every unit group of the gated ``big_vars`` (gates folded into
     the weights) as variables of ``model``, then :func:`finetune` them (``key`` and
     ``finetune_args``; with ``workdir``, in ``workdir/fit``). Returns ``(student_vars,
-    summary)``; summary: test loss/accuracy ``after_compression`` and ``after_finetune``,
+    summary)``; summary: test loss/accuracy ``after_compression``, ``after_compression_unfolded``
+    (the same units with the gate values left out of the weights, as the authors' notebook
+    measures it) and ``after_finetune``,
     ``finetune_log``, ``steps``, ``timing_s``, and with ``teacher_units`` (group -> units of
     teacher A, which come first in a concatenation) ``kept_from_teacher_a``: the fraction of
     kept units from A."""
     t0 = time.perf_counter()
     student, keep = compress(big_vars, log_alphas, unit_spec(big_model, big_vars))
     bs = finetune_args.get("eval_batch_size", 500)
-    summary: dict = {"after_compression": evaluate_vars(model, student, test, bs)}
+    unfolded, _ = compress(big_vars, log_alphas, unit_spec(big_model, big_vars), fold=False)
+    summary: dict = {"after_compression": evaluate_vars(model, student, test, bs),  # gates folded: the gated network
+                     "after_compression_unfolded": evaluate_vars(model, unfolded, test, bs)}  # the notebook's: not folded
     if teacher_units is not None:
         summary["kept_from_teacher_a"] = {g: float(np.mean(np.asarray(keep[g]) < teacher_units[g])) for g in sorted(keep)}
     final, log = finetune(model, student, train, test, key=key, workdir=_sub(workdir, "fit"), **finetune_args)

@@ -18,7 +18,7 @@ runs used); ``accuracy_loss_pct`` is in percentage points of accuracy as the abs
 (the README calls the envelope "3% relative error", which is ambiguous).
 """
 
-from mergejax.papers import Cell, side_by_side
+from mergejax.papers import Cell, deviations, side_by_side
 
 _CODE = "ajbrock/FreezeOut utils.py calc_speedup(12, 12, t_0, how_scale): DenseNet-BC L=76 k=12 FLOP estimate"
 _ABSTRACT = "Brock et al. 2017, arXiv 1706.04983v2, abstract"
@@ -55,6 +55,9 @@ CLAIMS = (
 
 # the abstract's row for each network family of the FreezeOut experiment
 ABSTRACT_ROWS = {"densenet_bc76": "DenseNet", "wrn40_4": "ResNet", "resnet56": "ResNet"}
+# the authors' networks as our model kwargs (ajbrock/FreezeOut: DenseNet-BC L=76 k=12, WRN-40-4); a run with
+# other kwargs (a width, a depth) is flagged beside the cells it fills
+MODEL_KWARGS = {"densenet_bc76": {}, "wrn40_4": {"depth": 40, "widen": 4}, "resnet56": {}}
 
 
 def compare(runs: list[dict], dataset: str, model_kwargs: dict | None = None) -> dict:
@@ -63,13 +66,21 @@ def compare(runs: list[dict], dataset: str, model_kwargs: dict | None = None) ->
     ``test_accuracy``): flop_estimate: ours = the predicted saving (%, XLA FLOPs per compiled stage)
     of DenseNet-BC-76, compared only at the real depth 76 (``model_kwargs``: network -> the kwargs
     it ran with); abstract (CIFAR-100 only): ours = the largest measured wall-clock saving among
-    points whose accuracy loss against the baseline is within the paper's, and that loss."""
-    ours, kw = {}, (model_kwargs or {}).get("densenet_bc76", {})
+    points whose accuracy loss against the baseline is within the paper's, and that loss. Each row's
+    ``deviations``: the network's ``model_kwargs`` where they differ from :data:`MODEL_KWARGS`."""
+    ours, devs, kw = {}, {}, (model_kwargs or {}).get("densenet_bc76", {})
+
+    def flag(net):  # deviations of network ``net``'s kwargs (none known: none flagged)
+        if net not in (model_kwargs or {}) or net not in MODEL_KWARGS:
+            return []
+        mine = {k: v for k, v in dict(model_kwargs[net]).items() if k != "dtype"}
+        return deviations({"model_kwargs": mine}, {"model_kwargs": MODEL_KWARGS[net]})
+
     for r in runs:  # predicted FLOP saving of DenseNet-BC-76 (scaled and unscaled plan the same freeze steps)
         if r.get("network") == "densenet_bc76" and r["label"] != "baseline" and kw.get("depth", 76) == 76:
             key = ("flop_estimate", DENSENET_BC76, flop_column(r["spacing"], r["t0"]))
             if r["scaled"] or key not in ours:
-                ours[key] = 100 * r["predicted_saving"]
+                ours[key], devs[key] = 100 * r["predicted_saving"], flag("densenet_bc76")
     budget = {c.row: c.value for c in CELLS if c.table == "abstract" and c.metric == "accuracy_loss_pct"}
     for net, row in ABSTRACT_ROWS.items():
         mine = [r for r in runs if r.get("network") == net]
@@ -80,7 +91,6 @@ def compare(runs: list[dict], dataset: str, model_kwargs: dict | None = None) ->
         ok = [(100 * r["measured_saving"], ref - 100 * r["test_accuracy"]) for r in mine
               if r["label"] != "baseline" and r["measured_saving"] is not None and ref - 100 * r["test_accuracy"] <= budget[row]]
         if ok:
-            saving, loss = max(ok)
-            ours[("abstract", row, "C100/best speedup")] = saving
-            ours[("abstract", row, "C100/accuracy loss")] = loss
-    return side_by_side(CELLS, ours)
+            for column, v in zip(("C100/best speedup", "C100/accuracy loss"), max(ok)):
+                ours[("abstract", row, column)], devs[("abstract", row, column)] = v, flag(net)
+    return side_by_side(CELLS, ours, devs)

@@ -13,12 +13,19 @@ The paper's own tables (CIFAR-100 ResNet-20: teacher, long teacher, merged stude
 2204.09973v2, journal version Neural Processing Letters 2024) were not available offline, so
 no cell of them is here: the ``paper`` preset's ResNet-20 row is our measured table, with
 nothing published to compare it with. No number is invented.
+
+:data:`VGG11_SETTING`: the notebook's settings (shared/reference/merging.md, "Other settings";
+the optimizers as :func:`mergejax.cli.merge.get_config` ``paper_vgg11`` transcribes them), and
+:data:`VGG11_SETTING_KEYS` which of them each cell depends on, so that a run at other settings
+is flagged (:func:`mergejax.papers.deviations`). The teachers' own recipe is not in the
+repository, so it is not compared.
 """
 
 from mergejax.papers import Cell
 
 _NB = "fmfi-compbio/neural-network-merging cifar10_vgg11/Make student.ipynb"
 VGG11 = "VGG-11 (no BN)"
+_OT_NOTE = "another method: OT fusion (no training) set beside our permutation-aligned weight average"
 
 CELLS = (
     Cell("cifar10_vgg11", VGG11, "C10/big student, gate stage start", 80.0, "accuracy_pct",
@@ -31,7 +38,21 @@ CELLS = (
     Cell("cifar10_vgg11", VGG11, "C10/after fine-tuning (best epoch)", 91.23, "accuracy_pct",
          f"{_NB}: best test accuracy during fine-tuning"),
     Cell("cifar10_vgg11", VGG11, "C10/OT fusion", 85.98, "accuracy_pct",
-         "Singh & Jaggi 2020, Model Fusion via Optimal Transport: VGG-11 CIFAR-10 teachers fused with no training (first of the two values the reference notes quote)"),
+         "Singh & Jaggi 2020, Model Fusion via Optimal Transport: VGG-11 CIFAR-10 teachers fused with no training (first of the two values the reference notes quote)",
+         _OT_NOTE),
     Cell("cifar10_vgg11", VGG11, "C10/OT fusion (second value)", 86.51, "accuracy_pct",
-         "Singh & Jaggi 2020, Model Fusion via Optimal Transport: VGG-11 CIFAR-10 (second of the two values the reference notes quote)"),
+         "Singh & Jaggi 2020, Model Fusion via Optimal Transport: VGG-11 CIFAR-10 (second of the two values the reference notes quote)",
+         _OT_NOTE),
 )
+
+#: The notebook's settings of the VGG-11 row (names as in the merge config; model and kwargs: the teachers').
+VGG11_SETTING = {"model": "vgg11_nobn", "model_kwargs": {}, "batch_size": 128, "gate_epochs": 100, "lambda0": 0.01,
+                 "lambda_step": 0.01, "lr": 0.05, "weight_decay": 5e-4, "gate_lr": 0.2, "log_alpha_mean": 1.0,
+                 "finetune_epochs": 100, "finetune_lr": 0.05}
+_ARCH = ("model", "model_kwargs")
+_GATES = _ARCH + ("batch_size", "gate_epochs", "lambda0", "lambda_step", "lr", "weight_decay", "gate_lr", "log_alpha_mean")
+#: column -> the settings its number depends on
+VGG11_SETTING_KEYS = {"C10/big student, gate stage start": _ARCH, "C10/big student, gate stage end": _GATES,
+                      "C10/after compression": _GATES, "C10/after fine-tuning": _GATES + ("finetune_epochs", "finetune_lr"),
+                      "C10/after fine-tuning (best epoch)": _GATES + ("finetune_epochs", "finetune_lr"),
+                      "C10/OT fusion": _ARCH, "C10/OT fusion (second value)": _ARCH}

@@ -4,6 +4,8 @@
 
 :data:`NETWORKS`, :data:`DATASETS` and :data:`COLUMNS` map our model, dataset and method names to the
 paper's row and column labels; :func:`table1_key` and :func:`table3_key` build a cell key from ours.
+:func:`setting` is the paper's training setting of a cell (budget, M, batch, ...), against which a
+run's own is checked (:func:`mergejax.papers.deviations`).
 """
 
 from __future__ import annotations
@@ -67,3 +69,31 @@ def table1_key(network: str, dataset: str, column: str) -> tuple[str, str, str] 
 def table3_key(num_snapshots: int) -> tuple[str, str, str]:
     """The Table 3 key of a DenseNet-40 / CIFAR-100 snapshot ensemble (alpha0 = 0.2) with ``num_snapshots`` cycles."""
     return ("table3", "DenseNet-40", f"C100/M={num_snapshots}")
+
+
+# Sec. 4 (shared/reference/snapshot_ensembles.md, "Budgets used in the paper"): (epochs B, cycles M, batch) per
+# dataset and network family; SGD Nesterov 0.9, weight decay 1e-4; CIFAR augmented, SVHN not. Our networks at
+# their defaults (model_kwargs {}) are the paper's.
+_BUDGETS = {"C10": {"ResNet": (200, 5, 64), "DenseNet": (300, 6, 64)}, "C100": {"ResNet": (200, 5, 64), "DenseNet": (300, 6, 64)},
+            "SVHN": {"ResNet": (40, 5, 64), "DenseNet": (40, 5, 64)}, "TinyImageNet": {"ResNet": (150, 6, 128), "DenseNet": (150, 6, 64)}}
+_AUGMENT = {"C10": True, "C100": True, "SVHN": False}  # Tiny ImageNet: the reference does not say
+
+
+def setting(key: tuple[str, str, str]) -> dict:
+    """The paper's setting of the Table 1 or 3 cell ``key``: ``{epochs, M, batch_size, weight_decay,
+    model_kwargs[, augment][, shortcut]}`` (names as in our configs; ``model_kwargs`` without the ResNet
+    ``shortcut``, which is its own entry: 'A' for ResNet-110 and Wide-ResNet-32, the fb.resnet.torch CIFAR
+    default the authors' code runs on); ``{}`` for Table 2 (not a grid we run)."""
+    table, row, column = key
+    if table not in ("table1", "table3"):
+        return {}
+    ds = column.split("/")[0]
+    epochs, m, batch = _BUDGETS[ds]["DenseNet" if row.startswith("DenseNet") else "ResNet"]
+    if table == "table3":  # B = 300 epochs, M = the column's
+        m = int(column.split("M=")[1])
+    out = {"epochs": epochs, "M": m, "batch_size": batch, "weight_decay": 1e-4, "model_kwargs": {}}
+    if column.endswith(("/Single", "/Dropout")):  # one model with the single-model schedule: M plays no part
+        del out["M"]
+    if not row.startswith("DenseNet"):
+        out["shortcut"] = "A"
+    return {**out, "augment": _AUGMENT[ds]} if ds in _AUGMENT else out

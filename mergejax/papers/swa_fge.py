@@ -22,3 +22,7 @@ CELLS = (
     Cell("fge", "WRN-28-10", "C100/FGE 1 budget", 82.3, "accuracy_pct",
          f"{FGE}, CIFAR-100 ensembles at 1 budget, row WRN-28-10, column FGE"),
 )
+
+#: why these cells stand beside the snapshot experiment's comparison unrun
+NOT_RUN = ("no preset trains WRN-28-10 on CIFAR-100 for SWA / FGE; the snapshot experiment's swa and fge extras "
+           "run on its own grid's networks")

@@ -96,6 +96,8 @@ def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int])
         compiled = table is None or len(table()) <= EAGER_INIT_ROWS
     except TypeError:  # an unhashable module field
         compiled = False
+    except NotImplementedError:  # no unit table for this configuration (ResNet shortcut="A"): compile as without one
+        compiled = True
     variables = jax.jit(_init, static_argnums=0)(model, rng, x) if compiled else _init(model, rng, x)
     return variables["params"], variables.get("batch_stats", {})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from mergejax.core.models.core import Head, batch_norm, conv_init, run_layers, scaled, to_compute
 from mergejax.core.models.mlp import ConvBNReLU
@@ -17,7 +18,8 @@ def _conv(features, kernel, strides, name, dtype=None):
 
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-[dropout]-conv3x3-BN + shortcut, then ReLU. The shortcut is the identity,
-    or a 1x1 conv + BN projection when the stride or channel count changes (option B).
+    or, when the stride or channel count changes, a 1x1 conv + BN projection (``shortcut="B"``)
+    or, parameter-free, ``x[:, ::s, ::s]`` zero-padded along channels to ``features`` (``"A"``).
     Dropout sits between the two convs, where Wide-ResNets put it."""
 
     features: int
@@ -25,16 +27,35 @@ class BasicBlock(nn.Module):
     bn_axis_name: str | None = None
     dropout: float = 0.0
     dtype: Any = None
+    shortcut: str = "B"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         ax, dt = self.bn_axis_name, self.dtype
+        _check_shortcut(self.shortcut)
         y = nn.relu(batch_norm(train, name="bn1", axis_name=ax, dtype=dt)(_conv(self.features, 3, self.strides, "conv1", dt)(x)))
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
         y = batch_norm(train, name="bn2", axis_name=ax, dtype=dt)(_conv(self.features, 3, 1, "conv2", dt)(y))
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = batch_norm(train, name="proj_bn", axis_name=ax, dtype=dt)(_conv(self.features, 1, self.strides, "proj_conv", dt)(x))
+            x = _shortcut(x, self.features, self.strides, self.shortcut, ax, dt, train)
         return nn.relu(x + y)
+
+
+def _check_shortcut(kind: str) -> str:
+    if kind not in ("A", "B"):
+        raise ValueError(f"unknown ResNet shortcut {kind!r}; use 'A' (subsample + zero-pad) or 'B' (1x1 conv + BN)")
+    return kind
+
+
+def _shortcut(x, features, strides, kind, ax, dt, train):
+    """The projection of a block whose shape changes (called inside BasicBlock's compact scope)."""
+    if kind == "B":
+        return batch_norm(train, name="proj_bn", axis_name=ax, dtype=dt)(_conv(features, 1, strides, "proj_conv", dt)(x))
+    if features < x.shape[-1]:
+        raise ValueError(f"shortcut 'A' zero-pads channels, so it cannot map {x.shape[-1]} to {features} channels")
+    # fb.resnet.torch option A: 1x1 average pooling with stride s, then Identity ++ MulConstant(0) channels
+    x = x[:, ::strides, ::strides]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, features - x.shape[-1])))
 
 
 def residual_table(stem_features: int, plan, *, pre_act: bool) -> tuple:
@@ -80,6 +101,9 @@ class ResNet(nn.Module):
     stem included, 4x wider; post-activation blocks as in fb.resnet.torch). ``dropout`` > 0
     needs a ``'dropout'`` rng in training. ``bn_axis_name``: synchronised BatchNorm over that
     named axis (None: per-device). ``dtype``: compute dtype (see :class:`~mergejax.core.models.MLP`).
+    ``shortcut``: "B" (default; 1x1 conv + BN projections) or "A" (parameter-free: subsample and
+    zero-pad channels; He et al. 2016 Sec. 4.2, fb.resnet.torch's CIFAR default). "A" has no unit
+    table: it cannot be aligned, merged or gated.
     """
 
     num_classes: int
@@ -89,8 +113,10 @@ class ResNet(nn.Module):
     widen: int = 1
     dropout: float = 0.0
     dtype: Any = None
+    shortcut: str = "B"
 
     def _plan(self):
+        _check_shortcut(self.shortcut)
         if (self.depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {self.depth}")
         return _stage_plan((self.depth - 2) // 6, [scaled(c * self.widen, self.width) for c in (16, 32, 64)])
@@ -99,14 +125,20 @@ class ResNet(nn.Module):
         return ("stem",) + tuple(name for name, _, _ in self._plan()) + ("head",)
 
     def unit_table(self) -> tuple:
-        """See :func:`residual_table`."""
-        return residual_table(scaled(16 * self.widen, self.width), self._plan(), pre_act=False)
+        """See :func:`residual_table`. ``shortcut="A"``: NotImplementedError."""
+        plan = self._plan()
+        if self.shortcut == "A":  # a zero-padded shortcut ties only the first C_in units of the next stream to the last
+            raise NotImplementedError("ResNet shortcut='A' has no unit table: its zero-padded shortcuts tie part of a stage's "
+                                      "units to the previous stage, which a unit group cannot express; merging, re-basin "
+                                      "and gates support shortcut='B' only")
+        return residual_table(scaled(16 * self.widen, self.width), plan, pre_act=False)
 
     @nn.compact
     def __call__(self, x, train: bool = False, frozen: int = 0):
         ax, dt = self.bn_axis_name, self.dtype
         layers = [ConvBNReLU(scaled(16 * self.widen, self.width), bn_axis_name=ax, dtype=dt, name="stem")]
-        layers += [BasicBlock(f, s, bn_axis_name=ax, dropout=self.dropout, dtype=dt, name=name) for name, f, s in self._plan()]
+        layers += [BasicBlock(f, s, bn_axis_name=ax, dropout=self.dropout, dtype=dt, shortcut=self.shortcut, name=name)
+                   for name, f, s in self._plan()]
         return run_layers(layers + [Head(self.num_classes, bn_axis_name=ax, dtype=dt, name="head")], to_compute(x, dt), train, frozen)
 
 
