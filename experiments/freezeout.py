@@ -37,7 +37,7 @@ PRESETS, get_config, plan = CONFIG.PRESETS, CONFIG.get_config, CONFIG.plan
 
 def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) -> dict:
     tc0 = config.train
-    train, test = data_lib.load(tc0.dataset, tc0.train_split), data_lib.load(tc0.dataset, "test")
+    train, test = data_lib.load_train(tc0.dataset, tc0.train_split), data_lib.load(tc0.dataset, "test")
     evaluated_on = "test split"
     if config.validation:
         train, test = data_lib.holdout(train, config.validation, config.validation_seed)

@@ -126,7 +126,7 @@ def run(config: ml_collections.ConfigDict, out_dir: str, progress: bool = True) 
     parts, plots, tables = {}, [], []
     for row, c in CONFIG.settings(config):
         row_dir = out_dir if row is None else os.path.join(out_dir, "rows", row)
-        train, test = data_lib.load(c.teacher.dataset, c.teacher.train_split), data_lib.load(c.teacher.dataset, "test")
+        train, test = data_lib.load_train(c.teacher.dataset, c.teacher.train_split), data_lib.load(c.teacher.dataset, "test")
         runs = [run_seed(c, s, train, test, row_dir, progress) for s in c.seeds]
         table, summary, binar = merge_report.table(c, runs, runs[0]["device_kind"])
         os.makedirs(row_dir, exist_ok=True)

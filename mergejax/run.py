@@ -92,7 +92,7 @@ def setup(config: ml_collections.ConfigDict, *, train: data_lib.Split | None = N
     compute dtype; an unknown one is refused before any data is loaded.
     """
     precision_dtype(config.get("precision", "fp32"))  # refuse an unknown precision before loading data
-    train = train if train is not None else data_lib.load(config.dataset, config.get("train_split", "train"))
+    train = train if train is not None else data_lib.load_train(config.dataset, config.get("train_split", "train"))
     test = test if test is not None else data_lib.load(config.dataset, "test")
     model = model_of(config, train.num_classes)
     total, per_epoch = num_steps(config, len(train))

@@ -291,3 +291,15 @@ def test_split_sizes_for_the_dry_run():
     assert cost.num_examples("svhn_cropped", "test") == 26_032 and cost.num_examples("cifar10") == 50_000
     with pytest.raises(ValueError, match="dataset 'cifar10' has no split 'train\\+extra' for a cost estimate; known: train, test"):
         cost.num_examples("cifar10", "train+extra")
+
+
+def test_a_train_split_that_includes_test_is_refused_in_one_line(tmp_path):
+    """Every run evaluates on ``test``; a ``train_split`` with it in (a typo, ``test+train``) would
+    silently score the model on images it trained on."""
+    from mergejax.core import data as data_lib
+
+    train = data_lib.load_train("digits", "train")
+    np.testing.assert_array_equal(train.images, data_lib.load("digits", "train").images)
+    for split in ("test", "test+train", "train+test"):
+        with pytest.raises(ValueError, match=rf"train_split '{re.escape(split)}' of 'digits' includes the test split"):
+            data_lib.load_train("digits", split)

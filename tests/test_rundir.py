@@ -44,6 +44,23 @@ def test_same_manifest_resumes_and_different_one_names_the_keys(tmp_path):
     assert rundir.read_json(str(d / "manifest.json"))["config"]["seed"] == 5
 
 
+def test_a_manifest_alone_is_taken_over_by_another_config(tmp_path, capsys):
+    """A run refused before it wrote anything (a bad split, a missing dataset) leaves only its
+    manifest; the corrected command must not be locked out of its own --out by it."""
+    d = tmp_path / "run"
+    with rundir.RunDir(str(d), _manifest(split="test")):
+        pass  # refused its input here: nothing written but the manifest
+    with rundir.RunDir(str(d), _manifest(split="train")) as rd:
+        assert not rd.resumed
+        (d / "partial.txt").write_text("work")
+    assert "held only the manifest of another run, which wrote nothing (config.split=test (asked: train))" in capsys.readouterr().err
+    assert rundir.read_json(str(d / "manifest.json"))["config"]["split"] == "train"
+    with pytest.raises(ConfigMismatch, match=r"config.split=train \(asked: test\)"):  # once it holds work: refused
+        with rundir.RunDir(str(d), _manifest(split="test")):
+            pass
+    assert (d / "partial.txt").read_text() == "work"
+
+
 def test_directory_written_by_something_else_is_refused(tmp_path):
     d = tmp_path / "mine"
     d.mkdir()

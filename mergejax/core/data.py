@@ -103,6 +103,16 @@ def load(name: str, split: str, *, data_dir: str | None = None, download: bool =
     return Split(images.astype(np.float32), labels.astype(np.int32), _NUM_CLASSES[name], name)
 
 
+def load_train(name: str, split: str = "train", **kwargs) -> Split:
+    """:func:`load` of the split a run *trains* on (a train config's ``train_split``): one that
+    includes ``test``, which every run evaluates on, is refused in one line instead of silently
+    training on the test images."""
+    if "test" in split.split("+"):
+        raise ValueError(f"train_split {split!r} of {name!r} includes the test split, which the run is evaluated on; "
+                         "train on 'train' (or e.g. 'train+extra')")
+    return load(name, split, **kwargs)
+
+
 def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 

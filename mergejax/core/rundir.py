@@ -240,8 +240,10 @@ class RunDir:
 
     On entry: take the lock; if ``manifest.json`` exists and agrees with ``manifest`` on
     ``kind``/``config``/``inputs``, resume; if it differs, raise :class:`ConfigMismatch`
-    (or, with ``overwrite``, empty the directory and start afresh). A directory with files
-    but no manifest is refused too, so nothing written by something else is touched.
+    (or, with ``overwrite``, empty the directory and start afresh); a directory holding only
+    another run's manifest (that run stopped before writing anything, e.g. refused its input) is
+    taken over with a warning, as nothing in it can be lost. A directory with files but no
+    manifest is refused too, so nothing written by something else is touched.
     """
 
     def __init__(self, path: str, manifest: Mapping, *, overwrite: bool = False):
@@ -286,7 +288,10 @@ class RunDir:
                 if changed and others:
                     print(f"warning: resuming {self.path} written with other versions: {', '.join(changed)}", file=sys.stderr)
                 return
-            if diff and not self.overwrite:
+            if diff and not self.overwrite and not others:  # only the manifest of a run refused before it wrote anything
+                print(f"warning: {self.path} held only the manifest of another run, which wrote nothing "
+                      f"({'; '.join(diff[:2])}); starting this run there", file=sys.stderr)
+            elif diff and not self.overwrite:
                 shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
                 raise ConfigMismatch(f"{self.path} holds a different run: {shown}. "
                                      f"Use another --out, or --overwrite to replace it")

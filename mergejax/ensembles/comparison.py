@@ -89,7 +89,7 @@ def grid(config) -> list[GridCell]:
 def cell_data(config, cell: GridCell) -> tuple[data_lib.Split, data_lib.Split]:
     """``(train, test)`` of ``cell``: its ``train_split`` less ``config.holdout[dataset]`` examples withheld
     (:func:`mergejax.core.data.holdout`, seed 0; the withheld part is never used), and the test split."""
-    ds, train = cell.train.dataset, data_lib.load(cell.train.dataset, cell.train.get("train_split", "train"))
+    ds, train = cell.train.dataset, data_lib.load_train(cell.train.dataset, cell.train.get("train_split", "train"))
     n = config.get("holdout", {}).get(ds, 0)
     return (data_lib.holdout(train, n)[0] if n else train), data_lib.load(ds, "test")
 
