@@ -137,14 +137,16 @@ def test_cell_data_withholds_the_holdout_from_the_train_split(se):
     from mergejax.core import data
     from mergejax.ensembles.comparison import cell_data
 
-    c = override(se.get_config("tiny"), ["holdout={'digits': 37}", "train.train_split='train+test'"])
+    c = override(se.get_config("tiny"), ["holdout={'digits': 37}"])  # (split sums: test_data; SVHN's train+extra)
     (cell,) = se.grid(c)
     train, test = cell_data(c, cell)
-    full = np.concatenate([data.load("digits", "train").labels, data.load("digits", "test").labels])  # 1,437 + 360
-    keep = np.sort(np.random.default_rng(0).permutation(1437 + 360)[:1437 + 360 - 37])  # data.holdout's rule, seed 0
-    assert len(train) == 1437 + 360 - 37 and len(test) == 360
+    full = data.load("digits", "train").labels  # 1,437
+    keep = np.sort(np.random.default_rng(0).permutation(1437)[:1437 - 37])  # data.holdout's rule, seed 0
+    assert len(train) == 1437 - 37 and len(test) == 360
     np.testing.assert_array_equal(train.labels, full[keep])
-    assert se.plan(c)[0]["steps"] == round(15 * ((1437 + 360 - 37) // 64))  # the dry run counts the same examples
+    assert se.plan(c)[0]["steps"] == round(15 * ((1437 - 37) // 64))  # the dry run counts the same examples
+    with pytest.raises(ValueError, match="includes the test split"):  # never trained on the images it is scored on
+        cell_data(c, se.grid(override(c, ["train.train_split='train+test'"]))[0])
 
 
 def test_paper_deviations_flag_only_cells_run_away_from_the_papers_setting():
