@@ -122,11 +122,10 @@ def gpu_hours(total_flops: float, peak_flops: float, utilisation: float) -> floa
 
 def num_examples(dataset: str, split: str = "train") -> int:
     """Examples in ``split`` of ``dataset`` (a name, or a sum such as ``"train+extra"``: SVHN 604,388), without loading it."""
+    from mergejax.core.data import split_parts
+
     sizes = {"train": dataset_shape(dataset).num_train, **OTHER_SPLITS.get(dataset, {})}
-    parts = split.split("+")
-    if any(p not in sizes for p in parts) or len(set(parts)) < len(parts):
-        raise ValueError(f"dataset {dataset!r} has no split {split!r} for a cost estimate; known: {', '.join(sizes)}")
-    return sum(sizes[p] for p in parts)
+    return sum(sizes[p] for p in split_parts(dataset, split))
 
 
 def train_steps(train: Any, holdout: int = 0) -> int:

@@ -425,6 +425,9 @@ def test_manager_ignores_leftovers_of_a_killed_save(tmp_path):
     (d / "6.tmp-89abcdef.orbax-checkpoint-tmp").mkdir()
     (d / "6.tmp-89abcdef.orbax-checkpoint-tmp" / "_METADATA").write_text("{")
     (d / "7").mkdir()
+    from mergejax.core.rundir import temp_sibling
+
+    shutil.copytree(d / "1", temp_sibling(str(d / "8")))  # the name save() writes to today: <step>.tmp-<host>-<pid>-<hex>
     assert m.steps() == [1] and m.latest_step() == 1
     _assert_trees_equal(m.restore(tree), tree)
     m.save(2, {"w": jnp.ones(4)})  # the next save sweeps the leftovers

@@ -289,7 +289,7 @@ def test_split_sizes_for_the_dry_run():
     # TFDS svhn_cropped metadata: train 73,257, test 26,032, extra 531,131
     assert cost.num_examples("svhn_cropped", "train+extra") == 73_257 + 531_131 == 604_388
     assert cost.num_examples("svhn_cropped", "test") == 26_032 and cost.num_examples("cifar10") == 50_000
-    with pytest.raises(ValueError, match="dataset 'cifar10' has no split 'train\\+extra' for a cost estimate; known: train, test"):
+    with pytest.raises(ValueError, match="dataset 'cifar10' has no split 'train\\+extra'; available: train, test"):  # load's rule
         cost.num_examples("cifar10", "train+extra")
 
 

@@ -77,15 +77,10 @@ def train(argv):
     manifest = rundir.make_manifest("train_seeds", {"train_config": shared, "seeds": list(seeds),
                                                     "models_per_program": requested})
     with rundir.RunDir(args.out, manifest, overwrite=args.overwrite) as rd:
-        plan_path = os.path.join(rd.path, "plan.json")
-        if os.path.exists(plan_path):  # an auto choice is kept on resume, whatever memory is free now
-            plan = rundir.read_json(plan_path)
-        else:
-            groups = seed_groups(base, seeds, requested)
-            plan = {"models_per_program": len(groups[0]), "groups": groups}
-            rundir.write_json(plan_path, plan)
+        # an auto choice is kept on resume, whatever memory is free now (plan.json: {"groups": ...})
+        groups = seed_groups(base, seeds, requested, pin=(os.path.join(rd.path, "plan.json"), "groups"))
         rows, wall = [], 0.0
-        for group in plan["groups"]:
+        for group in groups:
             sub = os.path.join(rd.path, "seeds_" + "_".join(map(str, group)))
             if len(group) == 1:  # a plain solo run (data-parallel over config.devices as usual)
                 _, summary = train_and_evaluate(replace(base, seed=group[0]), sub, progress=not args.quiet)
@@ -96,7 +91,7 @@ def train(argv):
             rows += [{"seed": s["seed"], **{k: s[k] for k in keys}, "workdir": os.path.relpath(sub, rd.path)}
                      for s in summaries]
         acc = [r["test_accuracy"] for r in rows]
-        summary = {"seeds": list(seeds), "models_per_program": plan["models_per_program"], "groups": plan["groups"],
+        summary = {"seeds": list(seeds), "models_per_program": len(groups[0]), "groups": groups,
                    "test_accuracy_mean": float(np.mean(acc)), "test_accuracy_std": float(np.std(acc, ddof=1)),
                    "steps": rows[0]["steps"], "wall_time_s": wall,
                    "per_seed": rows, "config": to_dict(config)}

@@ -36,7 +36,7 @@ from mergejax.core.errors import CorruptCheckpoint, UserError
 from mergejax.core.rundir import remove_stale_temps, temp_sibling, write_json
 
 CHECKSUMS = "checksums.json"
-_TEMP = re.compile(r"^\d+\.(tmp|old)-[0-9a-f]{8}")  # a Manager step's leftovers from a killed save
+_TEMP = re.compile(r"^\d+\.(tmp|old)-")  # a Manager step's leftovers from a killed save (rundir.temp_sibling's, orbax's, .old-)
 
 
 class NoCheckpoint(UserError, FileNotFoundError):

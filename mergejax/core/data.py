@@ -87,11 +87,7 @@ def load(name: str, split: str, *, data_dir: str | None = None, download: bool =
     with a one-line message saying how to prepare it. ``split`` may be a TFDS-style sum such as
     ``"train+extra"`` (SVHN): the parts concatenated in that order, each cached on its own.
     """
-    _check_name(name)
-    parts = split.split("+")
-    if any(p not in splits_of(name) for p in parts) or len(set(parts)) < len(parts):
-        raise ValueError(f"dataset {name!r} has no split {split!r}; available: {', '.join(splits_of(name))} "
-                         "(or a sum of distinct ones, e.g. 'train+extra')")
+    parts = split_parts(name, split)
     if name == "digits":
         raw = [_digits(p) for p in parts]
     else:
@@ -103,11 +99,21 @@ def load(name: str, split: str, *, data_dir: str | None = None, download: bool =
     return Split(images.astype(np.float32), labels.astype(np.int32), _NUM_CLASSES[name], name)
 
 
+def split_parts(name: str, split: str) -> list[str]:
+    """The splits of ``name`` that ``split`` names: one (``"train"``) or a TFDS-style sum of
+    distinct ones (``"train+extra"``); anything else is refused in one line naming the available."""
+    parts = split.split("+")
+    if any(p not in splits_of(name) for p in parts) or len(set(parts)) < len(parts):
+        raise ValueError(f"dataset {name!r} has no split {split!r}; available: {', '.join(splits_of(name))} "
+                         "(or a sum of distinct ones, e.g. 'train+extra')")
+    return parts
+
+
 def load_train(name: str, split: str = "train", **kwargs) -> Split:
     """:func:`load` of the split a run *trains* on (a train config's ``train_split``): one that
     includes ``test``, which every run evaluates on, is refused in one line instead of silently
     training on the test images."""
-    if "test" in split.split("+"):
+    if "test" in split_parts(name, split):
         raise ValueError(f"train_split {split!r} of {name!r} includes the test split, which the run is evaluated on; "
                          "train on 'train' (or e.g. 'train+extra')")
     return load(name, split, **kwargs)

@@ -131,7 +131,7 @@ def paper_deviations(done: list[dict], table3_ms=()) -> dict[tuple[str, str, str
         c = r["cell"]
         kw = to_dict(c.train.model_kwargs)
         ours = {"epochs": r["budget_steps"] / r["steps_per_epoch"], "M": c.M, "batch_size": c.train.batch_size,
-                "weight_decay": c.train.weight_decay, "model_kwargs": {k: v for k, v in kw.items() if k not in ("dtype", "shortcut")},
+                "weight_decay": c.train.weight_decay, "model_kwargs": papers.arch_kwargs(kw, "shortcut"),
                 "augment": c.train.augment, "shortcut": shortcut_of(c.train.model, kw)}
         for key in paper_values([(c, r["summary"])], table3_ms):
             out[key] = papers.deviations(ours, paper.setting(key))

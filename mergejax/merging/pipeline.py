@@ -19,6 +19,7 @@ used; mapping a config onto these arguments is the caller's (``mergejax.cli.merg
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -179,7 +180,7 @@ def evaluate_sampled_gates(big_model: nn.Module, big_vars: Mapping[str, Any], lo
     """Test loss/accuracy of ``big_vars`` (eval mode: BatchNorm running statistics) with one
     hard-concrete gate sample per example and group from ``log_alphas`` ``{group: (units,)}``
     (a new draw per batch, from ``key``): the authors' evaluation, whose gates stay random."""
-    spec, count = unit_spec(big_model, big_vars), iter(range(1 << 30))
+    spec, batch_index = unit_spec(big_model, big_vars), itertools.count()
 
     @jax.jit
     def sums(variables, batch, rng):
@@ -188,7 +189,7 @@ def evaluate_sampled_gates(big_model: nn.Module, big_vars: Mapping[str, Any], lo
                                   train=False)
         return eval_sums(logits, batch["label"], batch.get("mask"))
 
-    return evaluate(big_vars, split, batch_size, step_fn=lambda v, b: sums(v, b, jax.random.fold_in(key, next(count))))
+    return evaluate(big_vars, split, batch_size, step_fn=lambda v, b: sums(v, b, jax.random.fold_in(key, next(batch_index))))
 
 
 def finetune(
@@ -248,9 +249,10 @@ def compress_stage(
     teacher A, which come first in a concatenation) ``kept_from_teacher_a``: the fraction of
     kept units from A."""
     t0 = time.perf_counter()
-    student, keep = compress(big_vars, log_alphas, unit_spec(big_model, big_vars))
+    spec = unit_spec(big_model, big_vars)
+    student, keep = compress(big_vars, log_alphas, spec)
+    unfolded, _ = compress(big_vars, log_alphas, spec, fold=False)
     bs = finetune_args.get("eval_batch_size", 500)
-    unfolded, _ = compress(big_vars, log_alphas, unit_spec(big_model, big_vars), fold=False)
     summary: dict = {"after_compression": evaluate_vars(model, student, test, bs),  # gates folded: the gated network
                      "after_compression_unfolded": evaluate_vars(model, unfolded, test, bs)}  # the notebook's: not folded
     if teacher_units is not None:

@@ -106,9 +106,8 @@ FALLBACK_NOTES = {
 def _setting(config) -> dict:
     """The VGG-11 row's settings in the names of :data:`mergejax.papers.merging.VGG11_SETTING`."""
     t, m = config.teacher, config.merge
-    kw = t.model_kwargs.to_dict() if hasattr(t.model_kwargs, "to_dict") else dict(t.model_kwargs)
-    kw = {k: v for k, v in kw.items() if k != "dtype"}
-    return {**{k: m[k] for k in papers_merging.VGG11_SETTING if k in m}, "model": t.model, "model_kwargs": kw}  # the teachers' net
+    return {**{k: m[k] for k in papers_merging.VGG11_SETTING if k in m}, "model": t.model,
+            "model_kwargs": papers.arch_kwargs(t.model_kwargs)}  # the teachers' net
 
 
 def paper_comparison(parts: dict, config=None) -> dict:

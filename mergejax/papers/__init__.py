@@ -70,6 +70,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def arch_kwargs(model_kwargs: Mapping | None, *without: str) -> dict:
+    """A run's model kwargs as a paper states its network: without the compute ``dtype`` (a
+    precision, not an architecture) and the keys ``without`` (settings compared on their own,
+    e.g. a ResNet's ``shortcut``). Takes a dict or a ConfigDict."""
+    kw = model_kwargs.to_dict() if hasattr(model_kwargs, "to_dict") else dict(model_kwargs or {})
+    return {k: v for k, v in kw.items() if k not in ("dtype", *without)}
+
+
 def deviations(ours: Mapping, paper: Mapping) -> list[str]:
     """``["key=ours (paper value)"]`` for every setting of ``paper`` (``{name: value}``, e.g. ``M``,
     ``epochs``, ``batch_size``, ``model_kwargs``) that ``ours`` gives a different value; numbers

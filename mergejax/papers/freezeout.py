@@ -18,7 +18,7 @@ runs used); ``accuracy_loss_pct`` is in percentage points of accuracy as the abs
 (the README calls the envelope "3% relative error", which is ambiguous).
 """
 
-from mergejax.papers import Cell, deviations, side_by_side
+from mergejax.papers import Cell, arch_kwargs, deviations, side_by_side
 
 _CODE = "ajbrock/FreezeOut utils.py calc_speedup(12, 12, t_0, how_scale): DenseNet-BC L=76 k=12 FLOP estimate"
 _ABSTRACT = "Brock et al. 2017, arXiv 1706.04983v2, abstract"
@@ -73,8 +73,7 @@ def compare(runs: list[dict], dataset: str, model_kwargs: dict | None = None) ->
     def flag(net):  # deviations of network ``net``'s kwargs (none known: none flagged)
         if net not in (model_kwargs or {}) or net not in MODEL_KWARGS:
             return []
-        mine = {k: v for k, v in dict(model_kwargs[net]).items() if k != "dtype"}
-        return deviations({"model_kwargs": mine}, {"model_kwargs": MODEL_KWARGS[net]})
+        return deviations({"model_kwargs": arch_kwargs(model_kwargs[net])}, {"model_kwargs": MODEL_KWARGS[net]})
 
     for r in runs:  # predicted FLOP saving of DenseNet-BC-76 (scaled and unscaled plan the same freeze steps)
         if r.get("network") == "densenet_bc76" and r["label"] != "baseline" and kw.get("depth", 76) == 76:

@@ -11,7 +11,7 @@ the schedule, and ResNet-110's warm-up (lr 0.01 for the first 400 iterations).
 
 from __future__ import annotations
 
-from mergejax.papers import Cell, deviations, side_by_side
+from mergejax.papers import Cell, arch_kwargs, deviations, side_by_side
 
 PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition (CVPR), Table 6 (CIFAR-10 test error %)"
 NETWORKS = {f"resnet{d}": f"ResNet-{d}" for d in (20, 32, 44, 56, 110, 1202)}
@@ -47,7 +47,7 @@ def compare(train: dict, runs: list[dict]) -> dict:
         return side_by_side(CELLS, {})
     kw = dict(train.get("model_kwargs") or {})
     mine = {**{k: train[k] for k in SETTING if k in train}, "steps": runs[0]["steps"], "shortcut": shortcut_of(train["model"], kw),
-            "model_kwargs": {k: v for k, v in kw.items() if k not in ("shortcut", "dtype")}}
+            "model_kwargs": arch_kwargs(kw, "shortcut")}
     err = 100 * (1 - sum(r["test_accuracy"] for r in runs) / len(runs))
     for c in CELLS:
         if c.row == row:
