@@ -17,6 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 # persistent compilation cache in the user's home; tests of the cache pass their own path.
 os.environ["MERGEJAX_COMPILATION_CACHE"] = "off"
 
+def params_slow(cases, ids, slow):
+    """``pytest.param`` of each case, those whose id is in ``slow`` marked slow (CI time: the default
+    run keeps one representative of each kind; ``python -m pytest -q -m slow`` runs the rest)."""
+    return [pytest.param(*c, id=i, marks=pytest.mark.slow if i in slow else ()) for c, i in zip(cases, ids)]
+
+
 # One small instance of every model family: (name, make_model kwargs, input shape (B, H, W, C)).
 MODEL_CASES = [
     ("mlp", {}, (4, 8, 8, 1)),

@@ -280,6 +280,7 @@ print(json.dumps({"gap": gap, "moved": moved, "calls": calls}))
 """
 
 
+@pytest.mark.slow  # CI time (the gate stage on four devices covers fit(devices=) in merging); `python -m pytest -q -m slow` runs it
 def test_merge_finetune_on_four_devices_equals_one(run_python):
     """The merging pipeline's fine-tuning (``finetune(..., devices=)``, used by experiments/merge_networks.py with
     ``teacher.devices``) on 4 simulated devices: the batch split with synchronised BN equals one device."""
@@ -307,6 +308,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
 def test_freezeout_on_four_devices_equals_one(run_python):
     """FreezeOut's staged steps (experiments/freezeout.py passes ``train.devices``) on 4 simulated devices:
     each stage's batch split with synchronised BN, the frozen prefix held, equals one device."""
@@ -342,6 +344,7 @@ print(json.dumps({"gap": gap, "moved": moved, "loss": [out["one_loss"], out["fou
 """
 
 
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
 def test_gate_stage_on_four_devices_equals_one(run_python):
     """The merging gate stage (``gate_stage(..., devices=)``, experiments/merge_networks.py passes
     ``teacher.devices``) on 4 simulated devices: the gated big student's batch split with synchronised BN and

@@ -10,7 +10,7 @@ from mergejax.merging.gates import deterministic, gated_apply
 from mergejax.core.models import apply_model, init_variables, make_model
 from mergejax.core.units import unit_spec, variables_of
 
-from conftest import MODEL_CASES as CASES
+from conftest import MODEL_CASES as CASES, params_slow
 
 
 def _gates_keeping_half(spec, seed):
@@ -26,7 +26,7 @@ def _gates_keeping_half(spec, seed):
     return la, keep
 
 
-@pytest.mark.parametrize("name,kw,shape", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,kw,shape", params_slow(CASES, [c[0] for c in CASES], {"wrn"}))
 def test_compressed_student_equals_gated_big_student(name, kw, shape):
     teacher = make_model(name, 10, **kw)
     big_model = make_model(name, 10, **{**kw, "width": kw.get("width", 1.0) * 2})

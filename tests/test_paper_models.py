@@ -21,7 +21,7 @@ from mergejax.merging.compress import compress
 from mergejax.merging.concat import concat
 from mergejax.merging.gates import deterministic, gated_apply
 
-from conftest import teacher_variables
+from conftest import params_slow, teacher_variables
 
 NEW = ("densenet40", "densenet100", "densenet_bc76", "wrn32_4", "vgg11_nobn")
 
@@ -206,7 +206,7 @@ def variables():
 
 
 
-@pytest.mark.parametrize("name,kw,shape", CASES, ids=IDS)
+@pytest.mark.parametrize("name,kw,shape", params_slow(CASES, IDS, {"densenet40", "densenet100", "vgg11_nobn"}))
 def test_permuting_units_preserves_function(variables, name, kw, shape):
     model, v = variables(name, kw, shape)
     spec = unit_spec(model, v)
@@ -246,12 +246,12 @@ def _grads(model, params, stats, x, y, frozen):
     return jax.grad(loss)(params)
 
 
-@pytest.mark.parametrize("name,kw,shape,frozen", [
+@pytest.mark.parametrize("name,kw,shape,frozen", params_slow([
     ("densenet40", dict(depth=10, width=0.5), (4, 8, 8, 3), 4),  # stem, 2 layers, trans1
     ("densenet_bc76", dict(depth=16, width=0.5), (4, 8, 8, 3), 2),
     ("wrn32_4", dict(depth=8, width=0.25), (4, 8, 8, 3), 2),
     ("vgg11_nobn", dict(width=0.125), (4, 32, 32, 3), 3),
-])
+], ["densenet40", "densenet_bc76", "wrn32_4", "vgg11_nobn"], {"densenet40", "vgg11_nobn"}))
 def test_frozen_prefix(variables, name, kw, shape, frozen):
     """Frozen layers get exactly zero gradient and keep their BN statistics; the eval forward
     does not change; without BN the train forward does not change either."""
@@ -288,7 +288,7 @@ def _big(name, kw):
     return make_model(name, 10, **{**kw, "width": kw["width"] * 2})
 
 
-@pytest.mark.parametrize("name,kw,shape", MERGE_CASES, ids=MERGE_IDS)
+@pytest.mark.parametrize("name,kw,shape", params_slow(MERGE_CASES, MERGE_IDS, {"densenet40"}))
 def test_concat_is_mean_and_compress_keeps_function(variables, name, kw, shape):
     model, va = variables(name, kw, shape, 0)
     _, vb = variables(name, kw, shape, 1)
@@ -334,8 +334,9 @@ def test_concat_is_mean_and_compress_keeps_function(variables, name, kw, shape):
 # --- dropout ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,kw,shape", [c for c in CASES if c[0] in ("densenet40", "densenet_bc76", "wrn32_4")],
-                         ids=["densenet40", "densenet_bc76", "wrn32_4"])
+@pytest.mark.parametrize("name,kw,shape", params_slow(
+    [c for c in CASES if c[0] in ("densenet40", "densenet_bc76", "wrn32_4")], ["densenet40", "densenet_bc76", "wrn32_4"],
+    {"densenet40", "densenet_bc76"}))  # the snapshot presets' slow test runs the Dropout column on DenseNet-40
 def test_dropout_needs_rng_and_leaves_init_and_eval_alone(name, kw, shape):
     plain = make_model(name, 10, **kw)
     drop = make_model(name, 10, dropout=0.5, **kw)
@@ -357,8 +358,13 @@ def test_dropout_needs_rng_and_leaves_init_and_eval_alone(name, kw, shape):
 # --- the fused DenseNet forward ---------------------------------------------------------------
 
 
+# jitted: one compile per program instead of one eager dispatch compile per op (minutes on a 2-core CPU)
+_japply = jax.jit(apply_model, static_argnums=0, static_argnames=("train", "frozen"))
+_jgrads = jax.jit(_grads, static_argnums=(0, 5))
+
+
 @pytest.mark.parametrize("name,kw,shape", [
-    pytest.param(*c, marks=pytest.mark.slow if c[0] == "densenet40" else ())  # CI time: BC-76 (bottleneck + compression) by default
+    pytest.param(*c, marks=pytest.mark.slow)  # CI time (~1 min each on a 2-core CPU); `python -m pytest -q -m slow` runs them
     for c in CASES if c[0] in ("densenet40", "densenet_bc76")], ids=["densenet40", "densenet_bc76"])
 def test_fused_densenet_equals_one_conv_per_segment(name, kw, shape):
     """One BatchNorm and one conv over the concatenated segments (the default) against the
@@ -371,22 +377,22 @@ def test_fused_densenet_equals_one_conv_per_segment(name, kw, shape):
     jax.tree.map(np.testing.assert_array_equal, (p, s), init_variables(model, jax.random.key(0), shape))
     x = 3.0 * jax.random.normal(jax.random.key(4), shape) + 1.0
     # Trained-looking statistics, so eval mode reads non-trivial running moments.
-    _, s = apply_model(ref, p, s, x, train=True)
+    _, s = _japply(ref, p, s, x, train=True)
     y = jnp.arange(shape[0]) % 10
     for train in (False, True):
-        got, got_s = apply_model(model, p, s, x, train=train)
-        want, want_s = apply_model(ref, p, s, x, train=train)
+        got, got_s = _japply(model, p, s, x, train=train)
+        want, want_s = _japply(ref, p, s, x, train=train)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_s, want_s)
-    g_got = _grads(model, p, s, x, y, 0)
-    g_want = _grads(ref, p, s, x, y, 0)
+    g_got = _jgrads(model, p, s, x, y, 0)
+    g_want = _jgrads(ref, p, s, x, y, 0)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(jnp.abs(b).max())), g_got, g_want)
     # Synchronised BatchNorm: two halves of the batch on a vmapped axis equal the whole batch.
     half = jnp.stack([x[: shape[0] // 2], x[shape[0] // 2:]])
     for m in (model, ref):
         sync = m.clone(bn_axis_name="b")
-        out, st = jax.vmap(lambda xb: apply_model(sync, p, s, xb, train=True), axis_name="b")(half)
-        whole, whole_s = apply_model(ref, p, s, x, train=True)
+        out, st = jax.jit(jax.vmap(lambda xb: apply_model(sync, p, s, xb, train=True), axis_name="b"))(half)
+        whole, whole_s = _japply(ref, p, s, x, train=True)
         np.testing.assert_allclose(out.reshape(whole.shape), whole, rtol=1e-4, atol=1e-5 * float(jnp.abs(whole).max()))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6), st, whole_s)
 

@@ -10,6 +10,8 @@ from mergejax.averaging.rebasin import align, matching_cost, weight_matching
 from mergejax.core import trees
 from mergejax.core.units import take_units, unit_spec, variables_of
 
+from conftest import params_slow
+
 CASES = [
     ("mlp", dict(hidden=(32, 24)), (2, 8, 8, 1)),
     ("cnn", dict(channels=(8, 12, 16)), (2, 8, 8, 1)),
@@ -25,7 +27,7 @@ def _vars(name, kw, shape, seed):
     return model, variables_of(p, s)
 
 
-@pytest.mark.parametrize("name,kw,shape", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,kw,shape", params_slow(CASES, [c[0] for c in CASES], {"cnn", "vgg11"}))
 def test_permuted_copy_is_matched_back_exactly(name, kw, shape):
     model, va = _vars(name, kw, shape, 0)
     spec = unit_spec(model, va)

@@ -88,7 +88,7 @@ def test_paper_subset_runs_end_to_end_on_mock_cifar(se, tmp_path, monkeypatch):
     config = override(se.get_config("paper"), [
         "networks=('resnet110',)", "datasets=('cifar10',)", "columns=('single', 'snapshot_a0.2')", "table3_ms=()",
         "num_snapshots=2", "train.steps=4", "train.batch_size=8", "train.log_every=2", "train.model_kwargs.width=0.0625",
-        "eval_batch_size=16"])
+        "train.model_kwargs.depth=8", "eval_batch_size=16"])  # ResNet-110's row at depth 8: a deviation, flagged below
     assert [r["name"] for r in se.plan(config)] == ["resnet110/cifar10/seed0/single-0", "resnet110/cifar10/seed0/snapshot_0.2"]
     with tfds.testing.mock_data(num_examples=16):
         out = se.run(config, str(tmp_path / "out"), progress=False)
@@ -104,8 +104,8 @@ def test_paper_subset_runs_end_to_end_on_mock_cifar(se, tmp_path, monkeypatch):
         assert r["ours"] == res["summary"][key]["error_pct"]["mean"] and r["diff"] == pytest.approx(r["ours"] - r["paper"])
     assert len(comp["not_run"]) == 80 - 2 and comp["unmatched"] == []
     assert "| table1 | ResNet-110 | C10/Single | error_pct | 5.52 |" in out["table"] and "(78 published cells)" in out["table"]
-    # 4 steps of 8 (2 epochs of the 16 mock images), M = 2 and a 1/16 width: each flagged, M only where it matters
-    common = ["epochs=2 (paper 200)", "batch_size=8 (paper 64)", "model_kwargs={width=0.0625} (paper {})"]  # shortcut A: the paper's
+    # 4 steps of 8 (2 epochs of the 16 mock images), M = 2, depth 8 and a 1/16 width: each flagged, M only where it matters
+    common = ["epochs=2 (paper 200)", "batch_size=8 (paper 64)", "model_kwargs={depth=8, width=0.0625} (paper {})"]  # shortcut A: the paper's
     assert ran[("ResNet-110", "C10/Single")]["deviations"] == common
     assert ran[("ResNet-110", "C10/Snapshot a0=0.2")]["deviations"] == [common[0], "M=2 (paper 5)", *common[1:]]
     assert "setup differs: epochs=2 (paper 200), M=2 (paper 5)" in out["table"]

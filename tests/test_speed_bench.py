@@ -125,6 +125,7 @@ def test_xla_flag_rows_ratio_and_numerics():
 densenet_bench = _load("densenet")
 
 
+@pytest.mark.slow  # CI time: DenseNet-40 traced both ways; `python -m pytest -q -m slow` runs it
 def test_densenet_bench_counts_the_convolutions_of_each_forward():
     """benchmarks/densenet.py's op count on a compiled training step against the architecture: a DenseNet
     with n layers per block runs F = 1 + 3n + 2 convs forward when fused (stem, one per dense layer and

@@ -7,6 +7,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import REPO, load_experiment
 from mergejax.config import override
@@ -41,6 +42,7 @@ def test_vmapped_seeds_equal_solo_seeds_and_resume(tmp_path):
     assert again["results"]["runs"] == many
 
 
+@pytest.mark.slow  # CI time (test_multi and the snapshot members cover fit_many); `python -m pytest -q -m slow` runs it
 def test_merge_teachers_in_one_program_equal_solo_teachers(tmp_path):
     """experiments/merge_networks.py with models_per_program=2 trains both teachers as one vmapped
     program (unit ``teachers``); each equals its solo run and the later stages read them."""
@@ -59,6 +61,7 @@ def test_merge_teachers_in_one_program_equal_solo_teachers(tmp_path):
     assert seeds == out[2]["seeds"] and seeds["teacher_a"] != seeds["teacher_b"]  # two different teachers, same seeds both ways
 
 
+@pytest.mark.slow  # CI time (test_multi checks fit_many member by member; the vmapped seeds test below stays); `python -m pytest -q -m slow` runs it
 def test_snapshot_members_in_one_program_equal_solo_members(tmp_path):
     """experiments/snapshot_ensemble.py with models_per_program=4: the true ensemble's members 1..3
     and the 4 single-cycle runs each train as one vmapped program; every member's final model
@@ -95,6 +98,7 @@ def test_snapshot_members_in_one_program_equal_solo_members(tmp_path):
     assert again["results"]["summary"] == out[4]
 
 
+@pytest.mark.slow  # CI time; `python -m pytest -q -m slow` runs it
 def test_averaging_pair_in_one_program_equals_solo_pair(tmp_path):
     """experiments/averaging.py with models_per_program=2 trains (b)'s two networks as one vmapped
     program (unit ``interp/seed0/nets``); both interpolation paths equal the solo pair's."""

@@ -1,7 +1,8 @@
 """Merging of neural networks (Pašen & Boža 2022, arXiv 2204.09973): the numbers available offline.
 
 Table ``cifar10_vgg11``: the authors' notebook fmfi-compbio/neural-network-merging
-``cifar10_vgg11/Make student.ipynb`` (two VGG-11 teachers without BatchNorm, merged, gated for
+``cifar10_vgg11/Make student.ipynb`` at commit df6aee3 ("cleanup and rerun"; an older commit,
+04b3d7d, prints other cell outputs: 0.8039, 0.7957, 0.9115) (two VGG-11 teachers without BatchNorm, merged, gated for
 100 epochs, compressed, fine-tuned for 100 epochs), test accuracy in %. "at the start of the
 gate stage" is the big student evaluated right after concatenation with its (random) gates;
 "right after compression" keeps the gate values out of the weights. Columns ``C10/OT fusion``
@@ -23,7 +24,7 @@ repository, so it is not compared.
 
 from mergejax.papers import Cell
 
-_NB = "fmfi-compbio/neural-network-merging cifar10_vgg11/Make student.ipynb"
+_NB = "fmfi-compbio/neural-network-merging cifar10_vgg11/Make student.ipynb (commit df6aee3)"
 VGG11 = "VGG-11 (no BN)"
 _OT_NOTE = "another method: OT fusion (no training) set beside our permutation-aligned weight average"
 
