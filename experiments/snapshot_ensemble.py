@@ -138,7 +138,7 @@ def run(config, out_dir: str, progress: bool = True) -> dict:
     loaded, done = {}, []
     for cell in grid(config):
         key = (cell.train.dataset, cell.train.train_split)  # train: train_split less config.holdout (cell_data)
-        data = loaded.get(key) or loaded.setdefault(key, cell_data(config, cell))
+        data = loaded[key] if key in loaded else loaded.setdefault(key, cell_data(config, cell))
         done.append(run_cell(config, cell, data, out_dir, progress))
     fields, table, plots = report_cells(config, done, out_dir)
     results = {"experiment": NAME, **fields}

@@ -138,7 +138,9 @@ def train_steps(train: Any, holdout: int = 0) -> int:
 
 def plan_row(name: str, train: Any, **extra: Any) -> dict:
     """The ``plan()`` row of one run of ``train`` (a train_config); ``extra`` overrides keys."""
-    kwargs = train.model_kwargs.to_dict() if hasattr(train.model_kwargs, "to_dict") else dict(train.model_kwargs)
+    from mergejax.config import to_dict
+
+    kwargs = to_dict(train.model_kwargs)
     row = {"name": name, "model": train.model, "model_kwargs": kwargs, "dataset": train.dataset,
            "steps": train_steps(train), "batch_size": int(train.batch_size), "width_factor": 1.0,
            "precision": train.get("precision", "fp32")}

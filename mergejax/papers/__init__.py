@@ -19,6 +19,8 @@ import importlib
 import math
 from typing import Iterable, Mapping, Sequence
 
+from mergejax.config import to_dict
+
 PAPERS = ("snapshot", "freezeout", "merging", "swa_fge", "resnet")
 
 
@@ -74,7 +76,7 @@ def arch_kwargs(model_kwargs: Mapping | None, *without: str) -> dict:
     """A run's model kwargs as a paper states its network: without the compute ``dtype`` (a
     precision, not an architecture) and the keys ``without`` (settings compared on their own,
     e.g. a ResNet's ``shortcut``). Takes a dict or a ConfigDict."""
-    kw = model_kwargs.to_dict() if hasattr(model_kwargs, "to_dict") else dict(model_kwargs or {})
+    kw = to_dict(model_kwargs or {})
     return {k: v for k, v in kw.items() if k not in ("dtype", *without)}
 
 

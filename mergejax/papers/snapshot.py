@@ -72,7 +72,8 @@ def table3_key(num_snapshots: int) -> tuple[str, str, str]:
 
 
 # Sec. 4 (shared/reference/snapshot_ensembles.md, "Budgets used in the paper"): (epochs B, cycles M, batch) per
-# dataset and network family; SGD Nesterov 0.9, weight decay 1e-4; CIFAR augmented, SVHN not. Our networks at
+# dataset and network family; SGD Nesterov 0.9, weight decay 1e-4. Augmentation (not in the reference notes): CIFAR
+# pad-crop-flip, SVHN none, as the paper's dataset paragraph and the DenseNet recipe it follows. Our networks at
 # their defaults (model_kwargs {}) are the paper's.
 _BUDGETS = {"C10": {"ResNet": (200, 5, 64), "DenseNet": (300, 6, 64)}, "C100": {"ResNet": (200, 5, 64), "DenseNet": (300, 6, 64)},
             "SVHN": {"ResNet": (40, 5, 64), "DenseNet": (40, 5, 64)}, "TinyImageNet": {"ResNet": (150, 6, 128), "DenseNet": (150, 6, 64)}}
